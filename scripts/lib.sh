@@ -1,0 +1,102 @@
+# scripts/lib.sh -- shared settings for the tde scripts; sourced, never run.
+#
+# Why this file exists: setup, demo and test must agree on where the patched
+# PostgreSQL build lives, which OS user runs the server, and how to run a
+# command as that user.  Keeping those decisions in one place means a fresh
+# clone finds the cache that an earlier run (or an earlier clone) left behind.
+#
+# Environment a user may set:
+#   TDE_CACHE_DIR   where PostgreSQL sources/builds are cached
+#                   (default /var/cache/tde as root, ~/.cache/tde otherwise)
+#   TDE_PG_SOURCE   a local PostgreSQL tarball (.tar.bz2/.tar.gz) or source tree,
+#                   used instead of Debian's source package
+#   TDE_PG_USER     the unprivileged OS user that runs PostgreSQL when the
+#                   scripts run as root (default: tdepg)
+
+set -euo pipefail
+
+TDE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PG_MAJOR=17
+PG_CONFIGURE_FLAGS=(--enable-debug --enable-cassert --enable-tap-tests --with-openssl --with-icu)
+# Bump when the build recipe in scripts/setup changes in a way that matters.
+PG_RECIPE=1
+
+if [ "$(id -u)" = 0 ]; then
+  SUDO=""
+  TDE_CACHE_DIR=${TDE_CACHE_DIR:-/var/cache/tde}
+  TDE_PG_USER=${TDE_PG_USER:-tdepg}
+else
+  SUDO="sudo"
+  TDE_CACHE_DIR=${TDE_CACHE_DIR:-$HOME/.cache/tde}
+  TDE_PG_USER=$(id -un)
+fi
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Hash of everything that changes the PostgreSQL build: the patch series,
+# the configure flags and the recipe version.
+pg_patch_hash() {
+  {
+    echo "recipe=$PG_RECIPE flags=${PG_CONFIGURE_FLAGS[*]}"
+    for p in "$TDE_ROOT"/patches/pg$PG_MAJOR/*.patch; do
+      [ -e "$p" ] || continue
+      echo "== $(basename "$p")"; cat "$p"
+    done
+  } | sha256sum | cut -c1-12
+}
+
+# The PostgreSQL version we build: from TDE_PG_SOURCE, else from the newest
+# tarball already downloaded, else from apt's source index.
+pg_version() {
+  if [ -n "${TDE_PG_SOURCE:-}" ]; then
+    if [ -d "$TDE_PG_SOURCE" ]; then
+      sed -n "s/^PACKAGE_VERSION='\(.*\)'/\1/p" "$TDE_PG_SOURCE/configure"
+    else
+      basename "$TDE_PG_SOURCE" | sed -E 's/^postgresql(-[0-9]+)?[_-]([0-9.]+).*$/\2/'
+    fi
+    return
+  fi
+  local f
+  f=$(ls -1 "$TDE_CACHE_DIR"/downloads/postgresql-${PG_MAJOR}_*.orig.tar.bz2 2>/dev/null | sort -V | tail -n1 || true)
+  if [ -n "$f" ]; then
+    basename "$f" | sed -E 's/^postgresql-[0-9]+_([0-9.]+)\.orig.*/\1/'
+    return
+  fi
+  apt-cache showsrc "postgresql-$PG_MAJOR" 2>/dev/null | sed -n 's/^Version: \([0-9.]*\).*/\1/p' | sort -V | tail -n1
+}
+
+pg_prefix() {
+  local v; v=$(pg_version)
+  [ -n "$v" ] || die "cannot tell the PostgreSQL version; run scripts/setup"
+  echo "$TDE_CACHE_DIR/pg-$v-$(pg_patch_hash)/install"
+}
+
+# Run a command as the unprivileged PostgreSQL user (a no-op wrapper when we
+# are not root).  The environment given on the command line is kept.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u "$TDE_PG_USER" -- env PATH="$PATH" "$@"
+  else
+    "$@"
+  fi
+}
+
+# A scratch directory the PostgreSQL user owns.
+pg_tmpdir() {
+  local d; d=$(mktemp -d "${TMPDIR:-/tmp}/tde-$1.XXXXXX")
+  [ "$(id -u)" = 0 ] && chown "$TDE_PG_USER" "$d"
+  echo "$d"
+}
+
+setup_is_done() {
+  local prefix
+  prefix=$(pg_prefix 2>/dev/null) || return 1
+  [ -f "$prefix/.tde-complete" ] || return 1
+  command -v cargo-pgrx >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo-pgrx" ] || return 1
+  cargo pgrx --version 2>/dev/null | grep -q '0\.18\.1' || return 1
+  grep -qs "pg$PG_MAJOR = \"$prefix/bin/pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" || return 1
+  id "$TDE_PG_USER" >/dev/null 2>&1 || return 1
+}
+
+export PATH="$HOME/.cargo/bin:$PATH"
