@@ -1,0 +1,368 @@
+//! The key store: what `$PGDATA/tde/keystore` holds, and how changes apply.
+//!
+//! Why it is built this way: the checkpointer, the background writer and the
+//! startup process must find table keys without a database connection, so the
+//! authoritative list lives in a file, not a catalog.  Every change is a
+//! [`Change`] value: the server WAL-logs the change, then applies it to the
+//! file, and crash recovery or a standby applies the same value on redo.
+//! Applying a change is idempotent, so replaying a change the file already
+//! holds is harmless.
+//!
+//! Key hierarchy (documented in docs/keys.md): a master key (MEK) in a
+//! provider wraps one key-encryption key (KEK) per cluster; the KEK wraps
+//! each table key (TEK).  Start-up and master-key rotation therefore cost one
+//! provider call however many tables there are.
+//!
+//! File layout (all integers little-endian):
+//!
+//! ```text
+//!  0        8         12          20                          52
+//!  +--------+---------+-----------+---------------------------+------------------+
+//!  | magic  | version | body len  | SHA-256 of body           | body (JSON, UTF-8)|
+//!  +--------+---------+-----------+---------------------------+------------------+
+//!  magic = "PGTDEKS\0", version = 1
+//! ```
+//!
+//! The file is only ever replaced whole (write a temporary file, fsync,
+//! rename, fsync the directory), so a torn write leaves the old file.  A file
+//! that fails any check is reported as corrupt, never silently repaired.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: &[u8; 8] = b"PGTDEKS\0";
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 32;
+/// The only page cipher so far.
+pub const ALGORITHM_XTS: &str = "AES-256-XTS";
+
+/// Identifies a relation file: PostgreSQL's RelFileLocator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileId {
+    pub spc: u32,
+    pub db: u32,
+    pub rel: u32,
+}
+
+/// A configured master-key provider.  Options never hold secrets (a path,
+/// an environment variable's name).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProviderEntry {
+    pub name: String,
+    pub kind: String,
+    pub options: serde_json::Value,
+}
+
+/// The current master key and the KEK it wraps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Principal {
+    pub provider: String,
+    pub key_name: String,
+    /// KEK wrapped by the master key (nonce || ciphertext || tag), base64.
+    pub wrapped_kek: String,
+}
+
+/// One table key, wrapped by the KEK.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    pub file: FileId,
+    pub key_id: u64,
+    pub version: u32,
+    /// Unix seconds.
+    pub created: i64,
+    pub algorithm: String,
+    /// TEK wrapped by the KEK (nonce || ciphertext || tag), base64.
+    pub wrapped: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyStore {
+    /// Random, fixed at creation; bound into the KEK's associated data.
+    pub store_id: String,
+    pub providers: Vec<ProviderEntry>,
+    pub principal: Option<Principal>,
+    pub next_key_id: u64,
+    pub keys: Vec<KeyEntry>,
+}
+
+/// A change to the key store.  This is also the payload of the WAL record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    /// Creates the store (first tde_set_master_key) or is a no-op.
+    Init { store_id: String },
+    AddProvider(ProviderEntry),
+    SetPrincipal(Principal),
+    AddKey(KeyEntry),
+    RemoveKey { file: FileId },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("key store file \"{path}\" is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("could not {what} key store file \"{path}\": {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key provider \"{0}\" already exists")]
+    ProviderExists(String),
+    #[error("key store has not been initialised")]
+    NotInitialised,
+}
+
+impl KeyStore {
+    pub fn new(store_id: String) -> KeyStore {
+        KeyStore { store_id, providers: Vec::new(), principal: None, next_key_id: 1, keys: Vec::new() }
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&ProviderEntry> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn key(&self, file: &FileId) -> Option<&KeyEntry> {
+        self.keys.iter().find(|k| &k.file == file)
+    }
+
+    /// Applies a change.  Idempotent: applying the same change twice leaves
+    /// the same store, which is what redo needs.
+    pub fn apply(&mut self, change: &Change) -> Result<(), StoreError> {
+        match change {
+            Change::Init { .. } => {}
+            Change::AddProvider(p) => match self.providers.iter_mut().find(|e| e.name == p.name) {
+                Some(existing) if existing == p => {}
+                Some(_) => return Err(StoreError::ProviderExists(p.name.clone())),
+                None => self.providers.push(p.clone()),
+            },
+            Change::SetPrincipal(p) => self.principal = Some(p.clone()),
+            Change::AddKey(k) => {
+                self.keys.retain(|e| e.file != k.file);
+                self.next_key_id = self.next_key_id.max(k.key_id + 1);
+                self.keys.push(k.clone());
+            }
+            Change::RemoveKey { file } => self.keys.retain(|e| &e.file != file),
+        }
+        Ok(())
+    }
+
+    /// Serialises to the on-disk format.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&Sha256::digest(&body));
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Parses the on-disk format; `path` only names the file in errors.
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<KeyStore, StoreError> {
+        let corrupt = |why: &str| StoreError::Corrupt { path: path.to_path_buf(), why: why.to_string() };
+        if bytes.len() < HEADER_LEN {
+            return Err(corrupt("file is shorter than its header (truncated)"));
+        }
+        if &bytes[0..8] != MAGIC {
+            return Err(corrupt("bad magic number: not a tde key store"));
+        }
+        let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+        if version != FORMAT_VERSION {
+            return Err(corrupt(&format!("unsupported format version {version}")));
+        }
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&bytes[12..20]);
+        let len = u64::from_le_bytes(len);
+        let body = &bytes[HEADER_LEN..];
+        if body.len() as u64 != len {
+            return Err(corrupt(&format!("body is {} bytes, header says {len} (truncated?)", body.len())));
+        }
+        if Sha256::digest(body).as_slice() != &bytes[20..52] {
+            return Err(corrupt("checksum mismatch"));
+        }
+        serde_json::from_slice(body).map_err(|e| corrupt(&format!("malformed body: {e}")))
+    }
+
+    /// Reads the store from `path`; `Ok(None)` if the file does not exist.
+    pub fn load(path: &Path) -> Result<Option<KeyStore>, StoreError> {
+        match fs::read(path) {
+            Ok(bytes) => KeyStore::decode(&bytes, path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { what: "read", path: path.to_path_buf(), source }),
+        }
+    }
+
+    /// Replaces the file at `path` atomically: write a temporary file,
+    /// fsync it, rename it over `path`, fsync the directory.
+    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
+        write_atomically(path, &self.encode(), 0o600)
+            .map_err(|(what, source)| StoreError::Io { what, path: path.to_path_buf(), source })
+    }
+}
+
+/// Write, fsync, rename, fsync the directory.  The temporary file is created
+/// with `mode` so a secret file is never briefly world-readable.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), (&'static str, std::io::Error)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| ("create", e))?;
+    f.write_all(bytes).map_err(|e| ("write", e))?;
+    f.sync_all().map_err(|e| ("fsync", e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| ("rename", e))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ("fsync directory of", e))?;
+    Ok(())
+}
+
+/// Associated data binding a wrapped TEK to the file it protects, so a
+/// wrapped key copied onto another relation fails to unwrap.
+pub fn tek_aad(store_id: &str, file: &FileId, key_id: u64, version: u32) -> Vec<u8> {
+    let mut aad = b"tde-tek-v1".to_vec();
+    aad.extend_from_slice(store_id.as_bytes());
+    for v in [file.spc, file.db, file.rel] {
+        aad.extend_from_slice(&v.to_le_bytes());
+    }
+    aad.extend_from_slice(&key_id.to_le_bytes());
+    aad.extend_from_slice(&version.to_le_bytes());
+    aad
+}
+
+/// Associated data binding the wrapped KEK to this store and master key.
+pub fn kek_aad(store_id: &str, provider: &str, key_name: &str) -> Vec<u8> {
+    let mut aad = b"tde-kek-v1".to_vec();
+    for part in [store_id, provider, key_name] {
+        aad.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        aad.extend_from_slice(part.as_bytes());
+    }
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> KeyStore {
+        let mut ks = KeyStore::new("0123456789abcdef".into());
+        ks.apply(&Change::AddProvider(ProviderEntry {
+            name: "local".into(),
+            kind: "file".into(),
+            options: serde_json::json!({"path": "/tmp/k"}),
+        }))
+        .unwrap();
+        ks.apply(&Change::AddKey(KeyEntry {
+            file: FileId { spc: 1663, db: 5, rel: 16384 },
+            key_id: 7,
+            version: 1,
+            created: 1_700_000_000,
+            algorithm: ALGORITHM_XTS.into(),
+            wrapped: "AAAA".into(),
+        }))
+        .unwrap();
+        ks
+    }
+
+    #[test]
+    fn round_trip() {
+        let ks = sample();
+        let back = KeyStore::decode(&ks.encode(), Path::new("x")).unwrap();
+        assert_eq!(ks, back);
+        assert_eq!(back.next_key_id, 8);
+    }
+
+    #[test]
+    fn every_truncation_is_detected() {
+        let bytes = sample().encode();
+        for n in 0..bytes.len() {
+            let err = KeyStore::decode(&bytes[..n], Path::new("ks")).unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "truncated at {n}");
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            assert!(KeyStore::decode(&b, Path::new("ks")).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn corrupt_error_names_the_file() {
+        let msg = KeyStore::decode(b"nonsense", Path::new("/data/tde/keystore")).unwrap_err().to_string();
+        assert!(msg.contains("/data/tde/keystore") && msg.contains("corrupt"), "{msg}");
+    }
+
+    #[test]
+    fn apply_is_idempotent() {
+        let mut ks = sample();
+        let before = ks.clone();
+        let change = Change::AddKey(before.keys[0].clone());
+        ks.apply(&change).unwrap();
+        ks.apply(&change).unwrap();
+        assert_eq!(ks, before);
+        let rm = Change::RemoveKey { file: before.keys[0].file };
+        ks.apply(&rm).unwrap();
+        ks.apply(&rm).unwrap();
+        assert!(ks.keys.is_empty());
+    }
+
+    #[test]
+    fn conflicting_provider_is_refused() {
+        let mut ks = sample();
+        let err = ks
+            .apply(&Change::AddProvider(ProviderEntry {
+                name: "local".into(),
+                kind: "env".into(),
+                options: serde_json::json!({"variable": "X"}),
+            }))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ProviderExists(_)));
+    }
+
+    #[test]
+    fn change_round_trips_through_json() {
+        let c = Change::RemoveKey { file: FileId { spc: 1, db: 2, rel: 3 } };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Change>(&s).unwrap(), c);
+    }
+
+    #[test]
+    fn save_and_load_atomically() {
+        let dir = std::env::temp_dir().join(format!("tde-ks-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keystore");
+        assert!(KeyStore::load(&path).unwrap().is_none());
+        let ks = sample();
+        ks.save(&path).unwrap();
+        assert_eq!(KeyStore::load(&path).unwrap().unwrap(), ks);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!dir.join("keystore.tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn aad_differs_per_file() {
+        let a = tek_aad("s", &FileId { spc: 1, db: 2, rel: 3 }, 1, 1);
+        let b = tek_aad("s", &FileId { spc: 1, db: 2, rel: 4 }, 1, 1);
+        assert_ne!(a, b);
+    }
+}
