@@ -1,0 +1,29 @@
+-- sql/tde_objects.sql: the table access method, views and grants of tde.
+-- Loaded last by CREATE EXTENSION (pgrx "finalize"), after every function.
+
+CREATE FUNCTION tde_heap_handler(internal) RETURNS table_am_handler
+    AS 'MODULE_PATHNAME', 'tde_heap_handler' LANGUAGE C STRICT;
+CREATE ACCESS METHOD tde_heap TYPE TABLE HANDLER tde_heap_handler;
+COMMENT ON ACCESS METHOD tde_heap IS 'heap with every page encrypted (AES-256-XTS, per-table keys)';
+
+-- One row per encrypted relation file of the current database (plus shared
+-- relations), with the relation it belongs to.
+CREATE VIEW tde_status AS
+SELECT pg_filenode_relation(
+           CASE WHEN k.spcoid = d.dattablespace THEN 0 ELSE k.spcoid END,
+           k.relfilenode) AS relation,
+       k.key_id,
+       k.key_version,
+       k.algorithm,
+       k.created,
+       k.usable
+  FROM tde_keys() k
+  JOIN pg_database d ON d.datname = current_database()
+ WHERE k.dboid = d.oid OR k.dboid = 0;
+
+REVOKE ALL ON FUNCTION tde_add_key_provider(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_set_master_key(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_is_encrypted(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_keys() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_key_store_state() FROM PUBLIC;
+REVOKE ALL ON tde_status FROM PUBLIC;

@@ -1,0 +1,34 @@
+//! All of tde's settings (postgresql.conf `tde.*`), in one place.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// When on, creating a table or materialized view that is not tde_heap is an error.
+pub static ENFORCE_ENCRYPTION: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// Capacity of the shared key table (one entry per encrypted relation file).
+pub static MAX_RELATION_KEYS: GucSetting<i32> = GucSetting::<i32>::new(16384);
+
+pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"tde.enforce_encryption",
+        c"Refuse to create tables that are not encrypted.",
+        c"When on, CREATE TABLE, CREATE TABLE AS, CREATE MATERIALIZED VIEW and ALTER TABLE ... SET ACCESS METHOD fail unless the result uses tde_heap. System catalogs are exempt.",
+        &ENFORCE_ENCRYPTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tde.max_relation_keys",
+        c"Maximum number of encrypted relation files (keys held in shared memory).",
+        c"Each encrypted table, index, TOAST table and sequence file needs one. Costs about 120 bytes of shared memory each.",
+        &MAX_RELATION_KEYS,
+        16,
+        16 * 1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
+pub fn max_relation_keys() -> u32 {
+    MAX_RELATION_KEYS.get().max(16) as u32
+}

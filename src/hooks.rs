@@ -1,0 +1,322 @@
+//! Deciding whether a new relation file is encrypted, outside the table AM.
+//!
+//! The rule: a table is encrypted iff it uses tde_heap; an index iff its
+//! table is; an owned sequence iff its owner is; a copy of an encrypted file
+//! is encrypted.  The decisions are made from the catalog and the core
+//! patch's hook arguments, never from guesses about what the backend is doing.
+//!
+//! - `RelationCreateStorage_hook` (core patch): before any index or sequence
+//!   file is created by REINDEX, TRUNCATE, VACUUM FULL, CLUSTER, SET
+//!   TABLESPACE, ALTER TABLE rewrites, or CREATE DATABASE (WAL_LOG).
+//! - `object_access_hook`, post-create: a brand-new index's file exists but
+//!   is empty, and its pg_index row has just been written; nothing writes a
+//!   page until index_build, which runs after this hook.  Also enforces
+//!   `tde.enforce_encryption`.
+//! - `ProcessUtility_hook`: after OWNED BY or SET ACCESS METHOD, an owned
+//!   sequence is rewritten into a new file if its encryption must change;
+//!   CREATE DATABASE (FILE_COPY) and DROP DATABASE copy or drop keys for
+//!   files PostgreSQL copies or removes without the storage manager.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgList;
+
+use crate::am::{tde_heap_oid, uses_tde_heap};
+use crate::error::OrRaise;
+use crate::gucs;
+use crate::keys;
+
+static mut PREV_CREATE_STORAGE: pg_sys::RelationCreateStorage_hook_type = None;
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+extern "C-unwind" {
+    // commands/sequence.h: rewrites a sequence into a new file.
+    fn SequenceChangePersistence(relid: pg_sys::Oid, newrelpersistence: c_char);
+}
+
+pub fn init() {
+    // SAFETY: installing hooks from _PG_init, saving the previous ones to chain.
+    unsafe {
+        PREV_CREATE_STORAGE = pg_sys::RelationCreateStorage_hook;
+        pg_sys::RelationCreateStorage_hook = Some(create_storage);
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(utility);
+    }
+}
+
+/// The table a sequence belongs to (serial: AUTO, identity: INTERNAL).
+fn sequence_owner(seqid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    for deptype in [pg_sys::DependencyType::DEPENDENCY_AUTO, pg_sys::DependencyType::DEPENDENCY_INTERNAL] {
+        let mut table = pg_sys::InvalidOid;
+        let mut col: i32 = 0;
+        // SAFETY: catalog lookup inside a transaction.
+        if unsafe { pg_sys::sequenceIsOwned(seqid, deptype as c_char, &mut table, &mut col) } {
+            return Some(table);
+        }
+    }
+    None
+}
+
+/// Whether a new file of relation `rel` should be encrypted; `None` when the
+/// relation's kind does not decide (fall back to the source file).
+unsafe fn decide_for_relation(rel: pg_sys::Relation) -> Option<bool> {
+    // SAFETY (caller): rel is a valid relcache entry.
+    let form = unsafe { &*(*rel).rd_rel };
+    match form.relkind as u8 {
+        k if k == pg_sys::RELKIND_INDEX as u8 => {
+            // SAFETY: rd_index is NULL or the index's pg_index row.
+            let index = unsafe { (*rel).rd_index };
+            // A brand-new index has no rd_index yet: object_access decides.
+            (!index.is_null()).then(|| uses_tde_heap(unsafe { (*index).indrelid }))
+        }
+        k if k == pg_sys::RELKIND_SEQUENCE as u8 => {
+            // SAFETY: rel is valid.
+            sequence_owner(unsafe { (*rel).rd_id }).map(uses_tde_heap)
+        }
+        _ => None,
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn create_storage(
+    rlocator: pg_sys::RelFileLocator,
+    persistence: c_char,
+    rel: pg_sys::Relation,
+    source: *const pg_sys::RelFileLocator,
+) {
+    // SAFETY: chaining to the previous hook with our own arguments.
+    if let Some(prev) = unsafe { PREV_CREATE_STORAGE } {
+        unsafe { prev(rlocator, persistence, rel, source) };
+    }
+    let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP as u8;
+    // SAFETY: rel is NULL or valid; source is NULL or valid (core patch).
+    let decided = if rel.is_null() { None } else { unsafe { decide_for_relation(rel) } };
+    let encrypt = decided.unwrap_or_else(|| !source.is_null() && keys::is_encrypted(unsafe { &*source }, temp));
+    if encrypt {
+        keys::create_key(&rlocator, persistence as u8).or_raise();
+    }
+}
+
+/// The table of a just-created index, read from pg_index with SnapshotSelf:
+/// the row was inserted by the current command, before the post-create hook.
+fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a catalog scan inside a transaction, with the standard
+    // open/scan/close sequence; the tuple is read before the scan ends.
+    unsafe {
+        let pg_index = pg_sys::table_open(pg_sys::IndexRelationId, pg_sys::AccessShareLock as _);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            pg_sys::Anum_pg_index_indexrelid as _,
+            pg_sys::BTEqualStrategyNumber as _,
+            pg_sys::F_OIDEQ.into(),
+            pg_sys::Datum::from(indexid),
+        );
+        let snapshot = std::ptr::addr_of_mut!(pg_sys::SnapshotSelfData);
+        let scan = pg_sys::systable_beginscan(pg_index, pg_sys::Oid::from(pg_sys::IndexRelidIndexId), true, snapshot, 1, &mut key);
+        let tuple = pg_sys::systable_getnext(scan);
+        let table = if tuple.is_null() {
+            None
+        } else {
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_index>(tuple);
+            Some((*form).indrelid)
+        };
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(pg_index, pg_sys::AccessShareLock as _);
+        table
+    }
+}
+
+unsafe fn post_create_relation(relid: pg_sys::Oid) {
+    // SAFETY: the relcache knows relations created by the current command.
+    let rel = unsafe { pg_sys::RelationIdGetRelation(relid) };
+    if rel.is_null() {
+        return;
+    }
+    // SAFETY: rel is a valid, pinned relcache entry until RelationClose.
+    let (relkind, persistence, locator, relam, namespace) = unsafe {
+        let f = &*(*rel).rd_rel;
+        (f.relkind as u8, f.relpersistence as u8, (*rel).rd_locator, f.relam, f.relnamespace)
+    };
+    let name = unsafe { CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()) }.to_string_lossy().into_owned();
+    unsafe { pg_sys::RelationClose(rel) };
+
+    let temp = persistence == pg_sys::RELPERSISTENCE_TEMP as u8;
+    if relkind == pg_sys::RELKIND_INDEX as u8 && !keys::is_encrypted(&locator, temp) {
+        if let Some(table) = new_index_table(relid) {
+            if uses_tde_heap(table) {
+                keys::create_key(&locator, persistence).or_raise();
+            }
+        }
+    }
+
+    let user_table = relkind == pg_sys::RELKIND_RELATION as u8 || relkind == pg_sys::RELKIND_MATVIEW as u8;
+    // SAFETY: plain catalog predicates on an OID.
+    let system = unsafe { pg_sys::IsCatalogNamespace(namespace) || pg_sys::IsToastNamespace(namespace) };
+    // make_new_heap's transient table for a rewrite keeps the old table's
+    // access method; it is not a new user table.
+    let transient = name.starts_with("pg_temp_");
+    if gucs::ENFORCE_ENCRYPTION.get() && user_table && !system && !transient && Some(relam) != tde_heap_oid() {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("tde: tde.enforce_encryption is on: table \"{name}\" would not be encrypted"),
+            "Use CREATE TABLE ... USING tde_heap, or SET default_table_access_method = tde_heap."
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: c_int,
+    arg: *mut c_void,
+) {
+    // SAFETY: chaining to the previous hook with our own arguments.
+    if let Some(prev) = unsafe { PREV_OBJECT_ACCESS } {
+        unsafe { prev(access, class_id, object_id, sub_id, arg) };
+    }
+    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && class_id == pg_sys::RelationRelationId && sub_id == 0 {
+        // SAFETY: object_id is the relation just created.
+        unsafe { post_create_relation(object_id) };
+    }
+}
+
+/// Rewrites `seqid` into a new file if its encryption should change.
+fn sync_sequence(seqid: pg_sys::Oid) {
+    // SAFETY: relcache lookup; entry released below.
+    let (locator, persistence) = unsafe {
+        let rel = pg_sys::RelationIdGetRelation(seqid);
+        if rel.is_null() {
+            return;
+        }
+        let out = ((*rel).rd_locator, (*(*rel).rd_rel).relpersistence);
+        pg_sys::RelationClose(rel);
+        out
+    };
+    let Some(owner) = sequence_owner(seqid) else { return };
+    let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP as u8;
+    if uses_tde_heap(owner) != keys::is_encrypted(&locator, temp) {
+        // SAFETY: rewrites the sequence into a new relfilenumber with the
+        // same persistence; create_storage decides the new file's key.
+        unsafe { SequenceChangePersistence(seqid, persistence) };
+    }
+}
+
+fn database_oid(name: *const c_char) -> Option<pg_sys::Oid> {
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: catalog lookup; missing_ok = true.
+    let oid = unsafe { pg_sys::get_database_oid(name, true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+fn default_tablespace(db: pg_sys::Oid) -> Option<u32> {
+    Spi::get_one_with_args::<pg_sys::Oid>("SELECT dattablespace FROM pg_database WHERE oid = $1", &[db.into()])
+        .ok()
+        .flatten()
+        .map(u32::from)
+}
+
+/// The template named in CREATE DATABASE's options (default template1).
+unsafe fn createdb_template(stmt: *mut pg_sys::CreatedbStmt) -> Option<pg_sys::Oid> {
+    // SAFETY (caller): stmt is a valid CreatedbStmt.
+    let options = unsafe { PgList::<pg_sys::DefElem>::from_pg((*stmt).options) };
+    for opt in options.iter_ptr() {
+        // SAFETY: list cells are DefElem nodes.
+        unsafe {
+            if CStr::from_ptr((*opt).defname) == c"template" {
+                return database_oid(pg_sys::defGetString(opt));
+            }
+        }
+    }
+    database_oid(c"template1".as_ptr())
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_guard]
+unsafe extern "C-unwind" fn utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: pstmt is the statement being executed.
+    let node = unsafe { (*pstmt).utilityStmt };
+    let tag = unsafe { (*node).type_ };
+
+    // What must be known before the statement runs.
+    let dropped_db = if tag == pg_sys::NodeTag::T_DropdbStmt {
+        database_oid(unsafe { (*(node as *mut pg_sys::DropdbStmt)).dbname })
+    } else {
+        None
+    };
+
+    // SAFETY: the standard hook chain with our own arguments.
+    unsafe {
+        match PREV_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        }
+    }
+
+    match tag {
+        pg_sys::NodeTag::T_CreateSeqStmt | pg_sys::NodeTag::T_AlterSeqStmt => {
+            let rv = if tag == pg_sys::NodeTag::T_CreateSeqStmt {
+                unsafe { (*(node as *mut pg_sys::CreateSeqStmt)).sequence }
+            } else {
+                unsafe { (*(node as *mut pg_sys::AlterSeqStmt)).sequence }
+            };
+            // SAFETY: make the new OWNED BY dependency visible, then look up.
+            unsafe { pg_sys::CommandCounterIncrement() };
+            let seqid = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as _, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+            if seqid != pg_sys::InvalidOid {
+                sync_sequence(seqid);
+            }
+        }
+        pg_sys::NodeTag::T_AlterTableStmt => {
+            let rv = unsafe { (*(node as *mut pg_sys::AlterTableStmt)).relation };
+            unsafe { pg_sys::CommandCounterIncrement() };
+            let relid = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as _, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+            if relid != pg_sys::InvalidOid {
+                // SAFETY: returns a palloc'd list of sequence OIDs.
+                let seqs = unsafe { PgList::<c_void>::from_pg(pg_sys::getOwnedSequences(relid)) };
+                for i in 0..seqs.len() {
+                    if let Some(oid) = seqs.get_oid(i) {
+                        sync_sequence(oid);
+                    }
+                }
+            }
+        }
+        pg_sys::NodeTag::T_CreatedbStmt => {
+            let stmt = node as *mut pg_sys::CreatedbStmt;
+            let dst = database_oid(unsafe { (*stmt).dbname });
+            let src = unsafe { createdb_template(stmt) };
+            if let (Some(src), Some(dst)) = (src, dst) {
+                if let (Some(src_spc), Some(dst_spc)) = (default_tablespace(src), default_tablespace(dst)) {
+                    keys::copy_database_keys(src.into(), dst.into(), src_spc, dst_spc).or_raise();
+                }
+            }
+        }
+        pg_sys::NodeTag::T_DropdbStmt => {
+            if let Some(db) = dropped_db {
+                if database_oid(unsafe { (*(node as *mut pg_sys::DropdbStmt)).dbname }).is_none() {
+                    keys::forget_database(db.into());
+                }
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,108 @@
+//! Per-process cache of ready page ciphers, and the keys of temp tables.
+//!
+//! Why it exists: the storage manager asks "is this file encrypted, and with
+//! what?" for every page it reads or writes.  Asking the shared table means a
+//! lock and a key-schedule expansion each time; this cache answers from
+//! process memory.  It is keyed by relation file and remembers negative
+//! answers too, so a plain relation costs one hash lookup per page.
+//!
+//! Invalidation: the shared table's `generation` changes whenever a key is
+//! added or removed.  One atomic load per lookup compares it with ours and
+//! empties the cache on change, so a dropped or re-keyed file is never served
+//! a stale key.
+//!
+//! Temp tables live only in this backend (local buffers), so their keys
+//! live only here too, and are never written anywhere.
+
+use std::cell::RefCell;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
+use tde_core::keystore::FileId;
+use tde_core::secret::TableKey;
+use tde_core::xts::PageCipher;
+
+use super::shmem::{self, Found};
+
+/// How many relation files' answers one process keeps.
+const CAPACITY: usize = 1024;
+
+enum Entry {
+    Plain,
+    Cipher(Box<PageCipher>),
+    Unavailable,
+}
+
+/// The answer for one relation file.
+pub enum Lookup<'a> {
+    Plain,
+    Cipher(&'a mut PageCipher),
+    /// Encrypted, but this server cannot use the key right now.
+    Unavailable,
+}
+
+struct Cache {
+    generation: u64,
+    shared: LruCache<FileId, Entry>,
+    temp: std::collections::HashMap<FileId, Box<PageCipher>>,
+}
+
+thread_local! {
+    static CACHE: RefCell<Cache> = RefCell::new(Cache {
+        generation: u64::MAX,
+        shared: LruCache::new(NonZeroUsize::new(CAPACITY).unwrap_or(NonZeroUsize::MIN)),
+        temp: std::collections::HashMap::new(),
+    });
+}
+
+fn load(file: &FileId) -> Entry {
+    match shmem::find(file) {
+        Found::NotEncrypted => Entry::Plain,
+        Found::Unavailable => Entry::Unavailable,
+        Found::Key(bytes) => match TableKey::from_bytes(&bytes[..]).and_then(|k| PageCipher::new(&k)) {
+            Ok(c) => Entry::Cipher(Box::new(c)),
+            Err(_) => Entry::Unavailable,
+        },
+    }
+}
+
+/// Calls `f` with the cipher of `file` (a temp relation's if `temp`).
+pub fn with_cipher<R>(file: &FileId, temp: bool, f: impl FnOnce(Lookup<'_>) -> R) -> R {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if temp {
+            return match c.temp.get_mut(file) {
+                Some(cipher) => f(Lookup::Cipher(cipher)),
+                None => f(Lookup::Plain),
+            };
+        }
+        if !shmem::is_attached() {
+            return f(Lookup::Plain);
+        }
+        let generation = shmem::generation();
+        if generation != c.generation {
+            c.shared.clear();
+            c.generation = generation;
+        }
+        let entry = c.shared.get_or_insert_mut(*file, || load(file));
+        match entry {
+            Entry::Plain => f(Lookup::Plain),
+            Entry::Cipher(cipher) => f(Lookup::Cipher(cipher)),
+            Entry::Unavailable => f(Lookup::Unavailable),
+        }
+    })
+}
+
+pub fn add_temp_key(file: FileId, key: &TableKey) -> Result<(), tde_core::secret::Error> {
+    let cipher = PageCipher::new(key)?;
+    CACHE.with(|c| c.borrow_mut().temp.insert(file, Box::new(cipher)));
+    Ok(())
+}
+
+pub fn remove_temp_key(file: &FileId) {
+    CACHE.with(|c| c.borrow_mut().temp.remove(file));
+}
+
+pub fn has_temp_key(file: &FileId) -> bool {
+    CACHE.with(|c| c.borrow().temp.contains_key(file))
+}

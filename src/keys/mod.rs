@@ -1,0 +1,182 @@
+//! Keys: where a table key comes from, and where it goes.
+//!
+//! - A new encrypted relation file gets a fresh random table key (TEK) in
+//!   `create_key`, wrapped by the cluster's key-encryption key (KEK).
+//! - The KEK is wrapped by the master key (MEK) of a provider
+//!   (tde-core/src/provider.rs); `set_master_key` creates or rotates it.
+//! - `store.rs` makes each change durable (WAL, `$PGDATA/tde/keystore`),
+//!   `shmem.rs` holds the unwrapped keys for every process, and `local.rs`
+//!   caches ready ciphers per process for the storage manager.
+//!
+//! Temp relations get keys that live only in their backend.
+
+pub mod local;
+pub mod shmem;
+pub mod store;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pgrx::pg_sys;
+use tde_core::keystore::{kek_aad, tek_aad, Change, FileId, KeyEntry, Principal, ProviderEntry, ALGORITHM_XTS};
+use tde_core::provider;
+use tde_core::secret::{TableKey, WrapKey};
+use tde_core::wrap::{wrap_table_key, WRAPPED_TABLE_KEY_LEN};
+
+use crate::error::TdeError;
+use store::Secret;
+
+pub fn file_id(loc: &pg_sys::RelFileLocator) -> FileId {
+    FileId { spc: loc.spcOid.into(), db: loc.dbOid.into(), rel: loc.relNumber.into() }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, tek: &TableKey) -> Result<KeyEntry, TdeError> {
+    let wrapped: [u8; WRAPPED_TABLE_KEY_LEN] =
+        wrap_table_key(kek, tek, &tek_aad(store_id, &file, key_id, 1)).map_err(|_| TdeError::Crypto)?;
+    Ok(KeyEntry {
+        file,
+        key_id,
+        version: 1,
+        created: now(),
+        algorithm: ALGORITHM_XTS.to_string(),
+        wrapped: B64.encode(wrapped),
+    })
+}
+
+/// Gives the relation file `loc` a new random key.  Called before the file
+/// is created, so no page of it is ever written in plaintext.
+pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), TdeError> {
+    let file = file_id(loc);
+    let tek = TableKey::generate().map_err(|_| TdeError::Crypto)?;
+    if persistence == pg_sys::RELPERSISTENCE_TEMP as u8 {
+        return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
+    }
+    install_key(file, &tek)
+}
+
+/// Records `tek` as the key of `file` (new key or copy of an existing one).
+fn install_key(file: FileId, tek: &TableKey) -> Result<(), TdeError> {
+    store::commit(
+        |ks, x| {
+            let kek = match shmem::kek_locked(x) {
+                Some(k) => k,
+                None => {
+                    return Err(match shmem::state_locked(x) {
+                        (shmem::StoreState::Locked, why) => TdeError::Locked(why),
+                        _ => TdeError::NoMasterKey,
+                    })
+                }
+            };
+            Ok(Change::AddKey(wrap_entry(&ks.store_id, &kek, file, ks.next_key_id, tek)?))
+        },
+        Secret::TableKey(tek),
+    )
+}
+
+/// Whether `loc` (a temp relation's if `temp`) has a key.
+pub fn is_encrypted(loc: &pg_sys::RelFileLocator, temp: bool) -> bool {
+    let file = file_id(loc);
+    if temp {
+        local::has_temp_key(&file)
+    } else {
+        shmem::is_attached() && shmem::contains(&file)
+    }
+}
+
+/// Called when a relation file is unlinked (drop committed, create aborted,
+/// or their redo).  Removes its key.
+pub fn forget(loc: &pg_sys::RelFileLocator, temp: bool) {
+    let file = file_id(loc);
+    if temp {
+        local::remove_temp_key(&file)
+    } else {
+        store::remove_quietly(&file)
+    }
+}
+
+/// CREATE DATABASE ... STRATEGY FILE_COPY copies files byte for byte into a
+/// new database: each encrypted file of the template gets its key recorded
+/// again under the new location (same key, since the bytes are the same;
+/// the page tweak does not depend on the database or tablespace).
+pub fn copy_database_keys(src_db: u32, dst_db: u32, src_default_spc: u32, dst_default_spc: u32) -> Result<usize, TdeError> {
+    let todo: Vec<FileId> = shmem::list().into_iter().filter(|k| k.file.db == src_db).map(|k| k.file).collect();
+    let mut copied = 0;
+    for src in todo {
+        let spc = if src.spc == src_default_spc { dst_default_spc } else { src.spc };
+        let dst = FileId { spc, db: dst_db, rel: src.rel };
+        if shmem::contains(&dst) {
+            continue; // STRATEGY WAL_LOG already gave the copy its own key
+        }
+        let tek = shmem::with_exclusive(|x| shmem::key_of(x, &src)).ok_or_else(|| {
+            TdeError::Locked(format!("the key of relation file {}/{}/{} is not available", src.spc, src.db, src.rel))
+        })?;
+        install_key(dst, &tek)?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// Forgets every key of a dropped database (DROP DATABASE removes its
+/// directory without going through the storage manager).
+pub fn forget_database(db: u32) {
+    for k in shmem::list().into_iter().filter(|k| k.file.db == db) {
+        store::remove_quietly(&k.file);
+    }
+}
+
+/// tde_add_key_provider(): validates and records a provider.
+pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Result<(), TdeError> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(TdeError::Invalid("provider name must be 1 to 63 characters".into()));
+    }
+    provider::from_config(kind, &options)?;
+    let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
+    store::commit(
+        |ks, _| match ks.provider(name) {
+            Some(p) if *p == entry => Ok(Change::AddProvider(entry)),
+            Some(_) => Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string()))),
+            None => Ok(Change::AddProvider(entry)),
+        },
+        Secret::None,
+    )
+}
+
+/// tde_set_master_key(): makes `key_name` of `provider_name` the master key,
+/// creating it if the provider can.  The first call creates the KEK; later
+/// calls re-wrap the same KEK (master-key rotation: one provider call, no
+/// table key changes).
+pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeError> {
+    if key_name.is_empty() || key_name.len() > 255 {
+        return Err(TdeError::Invalid("key name must be 1 to 255 characters".into()));
+    }
+    let ks = store::read()?;
+    let entry = ks
+        .as_ref()
+        .and_then(|ks| ks.provider(provider_name).cloned())
+        .ok_or_else(|| TdeError::UnknownProvider(provider_name.to_string()))?;
+    let prov = provider::from_config(&entry.kind, &entry.options)?;
+    prov.ensure_key(key_name)?;
+    let kek = match (shmem::state().0, shmem::kek()) {
+        (_, Some(k)) => k,
+        (shmem::StoreState::Locked, None) => return Err(TdeError::Locked(shmem::state().1)),
+        (_, None) => WrapKey::generate().map_err(|_| TdeError::Crypto)?,
+    };
+    let kek_for_table = WrapKey::from_bytes(kek.expose()).map_err(|_| TdeError::Crypto)?;
+    store::commit(
+        |ks, _| {
+            let wrapped = prov.wrap(key_name, &kek, &kek_aad(&ks.store_id, provider_name, key_name))?;
+            Ok(Change::SetPrincipal(Principal {
+                provider: provider_name.to_string(),
+                key_name: key_name.to_string(),
+                wrapped_kek: B64.encode(wrapped),
+            }))
+        },
+        Secret::Kek(&kek_for_table),
+    )
+}

@@ -1,0 +1,418 @@
+//! The shared key table: unwrapped table keys in shared memory.
+//!
+//! Why it exists: every process that reads or writes pages (backends, the
+//! checkpointer, the background writer, the startup process) needs the key
+//! of an encrypted relation file, and none of them may depend on a database
+//! connection.  The postmaster loads the key store into this table at start;
+//! changes (new keys, drops, redo) update it under the lock.
+//!
+//! Locking: one LWLock (named tranche "tde") protects every field except
+//! `generation`, which is atomic so that backends can check their private
+//! cipher caches (keys/local.rs) without taking the lock.  Writers bump
+//! `generation` after each change, while holding the lock exclusively.
+//!
+//! The region is `mlock`ed and marked `MADV_DONTDUMP`, so unwrapped keys are
+//! neither swapped out nor written into core dumps.
+//!
+//! Layout: a header followed by `nslots` slots, an open-addressing hash table
+//! (linear probing, tombstones) keyed by the relation file.
+
+use std::ffi::CStr;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use tde_core::keystore::FileId;
+use tde_core::secret::{TableKey, WrapKey};
+use zeroize::{Zeroize, Zeroizing};
+
+const TRANCHE: &CStr = c"tde";
+const REASON_LEN: usize = 512;
+
+/// The key store's state as this server sees it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum StoreState {
+    /// No key store yet (no master key was ever set).
+    Empty = 0,
+    /// The KEK is unwrapped; keys are usable.
+    Unlocked = 1,
+    /// The master key could not unwrap the KEK; encrypted relations are
+    /// known but unreadable.
+    Locked = 2,
+}
+
+#[repr(C)]
+struct Header {
+    generation: AtomicU64,
+    state: u32,
+    nslots: u32,
+    used: u32,
+    max_keys: u32,
+    kek: [u8; 32],
+    reason: [u8; REASON_LEN],
+}
+
+const SLOT_FREE: u8 = 0;
+const SLOT_USED: u8 = 1;
+const SLOT_DELETED: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Slot {
+    state: u8,
+    has_key: u8,
+    file: [u32; 3],
+    key_id: u64,
+    version: u32,
+    created: i64,
+    tek: [u8; 64],
+}
+
+/// Metadata of one key, as the SQL views show it (never the key itself).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyInfo {
+    pub file: FileId,
+    pub key_id: u64,
+    pub version: u32,
+    pub created: i64,
+    pub usable: bool,
+}
+
+/// What a lookup found.
+pub enum Found {
+    NotEncrypted,
+    Key(Zeroizing<[u8; 64]>),
+    /// Encrypted, but the key cannot be used (store locked, bad wrap).
+    Unavailable,
+}
+
+static mut HEADER: *mut Header = std::ptr::null_mut();
+static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+
+fn nslots_for(max_keys: u32) -> u32 {
+    max_keys.saturating_mul(2).max(16)
+}
+
+/// Bytes of shared memory needed, for RequestAddinShmemSpace.
+pub fn size(max_keys: u32) -> usize {
+    size_of::<Header>() + nslots_for(max_keys) as usize * size_of::<Slot>()
+}
+
+/// Called from the shmem_request hook.
+pub fn request(max_keys: u32) {
+    // SAFETY: called in the postmaster's shmem_request_hook, where these two
+    // requests are allowed.
+    unsafe {
+        pg_sys::RequestAddinShmemSpace(size(max_keys));
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+    }
+}
+
+/// Called from the shmem_startup hook (postmaster, and again after a crash
+/// restart).  Returns true if the table was just created and must be filled.
+pub fn attach(max_keys: u32) -> bool {
+    let mut found = false;
+    let bytes = size(max_keys);
+    // SAFETY: ShmemInitStruct and GetNamedLWLockTranche are called with
+    // AddinShmemInitLock held, as PostgreSQL requires; the region has the
+    // size we requested in `request`.
+    unsafe {
+        // AddinShmemInitLock is a macro: MainLWLockArray[21].
+        let addin_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(addin_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let ptr = pg_sys::ShmemInitStruct(c"tde key table".as_ptr(), bytes, &mut found) as *mut Header;
+        LOCK = &mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+        if !found {
+            std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
+            (*ptr).nslots = nslots_for(max_keys);
+            (*ptr).max_keys = max_keys;
+            protect_region(ptr as *mut u8, bytes);
+        }
+        HEADER = ptr;
+        pg_sys::LWLockRelease(addin_lock);
+    }
+    !found
+}
+
+/// Keeps the key region out of swap and core dumps.  Failure to mlock (a
+/// low RLIMIT_MEMLOCK) is reported, not fatal.
+unsafe fn protect_region(ptr: *mut u8, len: usize) {
+    let page = 4096usize;
+    let start = (ptr as usize) & !(page - 1);
+    let end = (ptr as usize + len + page - 1) & !(page - 1);
+    // SAFETY: [start, end) covers our own shared memory struct, rounded out
+    // to page boundaries inside PostgreSQL's shared memory mapping.
+    let rc_dump = libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP);
+    let rc_lock = libc::mlock(start as *const libc::c_void, end - start);
+    if rc_dump != 0 || rc_lock != 0 {
+        pgrx::log!("tde: could not mlock/madvise the key table ({} bytes); keys may reach swap or core dumps", end - start);
+    }
+}
+
+/// A held lock on the table; released on drop (and by PostgreSQL on error).
+struct Guard;
+
+impl Guard {
+    fn new(exclusive: bool) -> Guard {
+        let mode = if exclusive { pg_sys::LWLockMode::LW_EXCLUSIVE } else { pg_sys::LWLockMode::LW_SHARED };
+        // SAFETY: LOCK was set in attach(), before any process could call us.
+        unsafe { pg_sys::LWLockAcquire(LOCK, mode) };
+        Guard
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // SAFETY: we acquired it in new().  pgrx turns a PostgreSQL ERROR
+        // into a Rust unwind, so this runs before the transaction abort's
+        // LWLockReleaseAll and releases the lock exactly once.
+        unsafe { pg_sys::LWLockRelease(LOCK) };
+    }
+}
+
+/// Holds the lock exclusively for a multi-step update (key store file and
+/// table together).  See `with_exclusive`.
+pub struct Exclusive(#[allow(dead_code)] Guard);
+
+pub fn with_exclusive<R>(f: impl FnOnce(&Exclusive) -> R) -> R {
+    let x = Exclusive(Guard::new(true));
+    f(&x)
+}
+
+fn header() -> &'static mut Header {
+    // SAFETY: HEADER is set in attach() in the postmaster before any child is
+    // forked; callers hold the lock for all fields but `generation`.
+    unsafe { &mut *HEADER }
+}
+
+pub fn is_attached() -> bool {
+    // SAFETY: plain read of a pointer set once in the postmaster.
+    unsafe { !HEADER.is_null() }
+}
+
+fn slots() -> &'static mut [Slot] {
+    let h = header();
+    // SAFETY: the slots follow the header, nslots of them, inside the region
+    // sized by size().
+    unsafe {
+        let first = (HEADER as *mut u8).add(size_of::<Header>()) as *mut Slot;
+        std::slice::from_raw_parts_mut(first, h.nslots as usize)
+    }
+}
+
+fn hash(f: &FileId) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for v in [f.spc, f.db, f.rel] {
+        h = (h ^ v as u64).wrapping_mul(0x0100_0000_01b3);
+        h ^= h >> 29;
+    }
+    h
+}
+
+fn slot_file(s: &Slot) -> FileId {
+    FileId { spc: s.file[0], db: s.file[1], rel: s.file[2] }
+}
+
+/// Index of the slot holding `f`, if any.
+fn probe(f: &FileId) -> Option<usize> {
+    let slots = slots();
+    let n = slots.len();
+    let mut i = (hash(f) % n as u64) as usize;
+    for _ in 0..n {
+        match slots[i].state {
+            SLOT_FREE => return None,
+            SLOT_USED if slot_file(&slots[i]) == *f => return Some(i),
+            _ => i = (i + 1) % n,
+        }
+    }
+    None
+}
+
+pub fn generation() -> u64 {
+    header().generation.load(Ordering::Acquire)
+}
+
+fn bump() {
+    header().generation.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Looks a relation file up.  Takes the lock in shared mode.
+pub fn find(f: &FileId) -> Found {
+    let _g = Guard::new(false);
+    match probe(f) {
+        None => Found::NotEncrypted,
+        Some(i) => {
+            let s = &slots()[i];
+            if s.has_key == 1 {
+                Found::Key(Zeroizing::new(s.tek))
+            } else {
+                Found::Unavailable
+            }
+        }
+    }
+}
+
+/// True if the file has an entry (usable or not).
+pub fn contains(f: &FileId) -> bool {
+    let _g = Guard::new(false);
+    probe(f).is_some()
+}
+
+/// Error for a full table.
+#[derive(Debug)]
+pub struct TableFull(pub u32);
+
+/// Inserts or replaces an entry.  Caller holds the lock exclusively.
+pub fn insert(_x: &Exclusive, info: &KeyInfo, tek: Option<&TableKey>) -> Result<(), TableFull> {
+    let h = header();
+    let slots = slots();
+    let n = slots.len();
+    let idx = match probe(&info.file) {
+        Some(i) => i,
+        None => {
+            if h.used >= h.max_keys {
+                return Err(TableFull(h.max_keys));
+            }
+            let mut i = (hash(&info.file) % n as u64) as usize;
+            while slots[i].state == SLOT_USED {
+                i = (i + 1) % n;
+            }
+            h.used += 1;
+            i
+        }
+    };
+    let s = &mut slots[idx];
+    s.state = SLOT_USED;
+    s.file = [info.file.spc, info.file.db, info.file.rel];
+    s.key_id = info.key_id;
+    s.version = info.version;
+    s.created = info.created;
+    match tek {
+        Some(k) => {
+            s.tek.copy_from_slice(k.expose());
+            s.has_key = 1;
+        }
+        None => {
+            s.tek.zeroize();
+            s.has_key = 0;
+        }
+    }
+    bump();
+    Ok(())
+}
+
+/// Removes an entry if present.  Caller holds the lock exclusively.
+pub fn remove(_x: &Exclusive, f: &FileId) {
+    if let Some(i) = probe(f) {
+        let s = &mut slots()[i];
+        s.tek.zeroize();
+        s.has_key = 0;
+        s.state = SLOT_DELETED;
+        header().used -= 1;
+        bump();
+    }
+}
+
+/// Empties the table (before a reload).  Caller holds the lock exclusively.
+pub fn clear(_x: &Exclusive) {
+    for s in slots().iter_mut() {
+        s.tek.zeroize();
+        *s = Slot { state: SLOT_FREE, has_key: 0, file: [0; 3], key_id: 0, version: 0, created: 0, tek: [0; 64] };
+    }
+    header().used = 0;
+    bump();
+}
+
+pub fn set_unlocked(_x: &Exclusive, kek: &WrapKey) {
+    let h = header();
+    h.kek.copy_from_slice(kek.expose());
+    h.state = StoreState::Unlocked as u32;
+    h.reason.zeroize();
+    bump();
+}
+
+pub fn set_locked(_x: &Exclusive, reason: &str) {
+    let h = header();
+    h.kek.zeroize();
+    h.state = StoreState::Locked as u32;
+    h.reason.zeroize();
+    let n = reason.len().min(REASON_LEN - 1);
+    h.reason[..n].copy_from_slice(&reason.as_bytes()[..n]);
+    bump();
+}
+
+pub fn set_empty(_x: &Exclusive) {
+    let h = header();
+    h.kek.zeroize();
+    h.state = StoreState::Empty as u32;
+    h.reason.zeroize();
+    bump();
+}
+
+/// The state and, when locked, why.
+pub fn state() -> (StoreState, String) {
+    let _g = Guard::new(false);
+    state_inner()
+}
+
+/// Same as `state` for a caller that already holds the lock.
+pub fn state_locked(_x: &Exclusive) -> (StoreState, String) {
+    state_inner()
+}
+
+fn state_inner() -> (StoreState, String) {
+    let h = header();
+    let st = match h.state {
+        1 => StoreState::Unlocked,
+        2 => StoreState::Locked,
+        _ => StoreState::Empty,
+    };
+    let end = h.reason.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
+    (st, String::from_utf8_lossy(&h.reason[..end]).into_owned())
+}
+
+/// A copy of the KEK if the store is unlocked.
+pub fn kek() -> Option<WrapKey> {
+    let _g = Guard::new(false);
+    let h = header();
+    if h.state != StoreState::Unlocked as u32 {
+        return None;
+    }
+    WrapKey::from_bytes(&h.kek).ok()
+}
+
+/// Same as `kek` for a caller that already holds the lock.
+pub fn kek_locked(_x: &Exclusive) -> Option<WrapKey> {
+    let h = header();
+    if h.state != StoreState::Unlocked as u32 {
+        return None;
+    }
+    WrapKey::from_bytes(&h.kek).ok()
+}
+
+/// Metadata of every key (for the SQL views).
+pub fn list() -> Vec<KeyInfo> {
+    let _g = Guard::new(false);
+    slots()
+        .iter()
+        .filter(|s| s.state == SLOT_USED)
+        .map(|s| KeyInfo {
+            file: slot_file(s),
+            key_id: s.key_id,
+            version: s.version,
+            created: s.created,
+            usable: s.has_key == 1,
+        })
+        .collect()
+}
+
+/// The unwrapped key of `f`, for re-wrapping (CREATE DATABASE FILE_COPY).
+pub fn key_of(_x: &Exclusive, f: &FileId) -> Option<TableKey> {
+    let i = probe(f)?;
+    let s = &slots()[i];
+    if s.has_key != 1 {
+        return None;
+    }
+    TableKey::from_bytes(&s.tek).ok()
+}

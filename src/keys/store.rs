@@ -1,0 +1,248 @@
+//! Keeps `$PGDATA/tde/keystore`, the WAL and the shared key table in step.
+//!
+//! Every change follows one path, under the key table's exclusive lock:
+//!
+//! 1. read the key store file and apply the change in memory (validation);
+//! 2. WAL-log the change through the tde resource manager (wal/rmgr.rs);
+//! 3. replace the file atomically (tmp, fsync, rename, fsync dir);
+//! 4. update the shared key table.
+//!
+//! Redo (crash recovery, standbys, PITR) runs steps 1, 3 and 4 with the
+//! change from the WAL record.  Changes are idempotent, so a file that is
+//! already ahead of the WAL (crash between 3 and the next checkpoint) is fine.
+//!
+//! Key removal after a committed DROP is the one change that is not logged:
+//! PostgreSQL's own commit/abort records unlink the files on redo, and the
+//! storage manager's unlink callback removes the key then as well.
+
+use std::path::PathBuf;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pgrx::pg_sys;
+use tde_core::keystore::{kek_aad, tek_aad, Change, FileId, KeyEntry, KeyStore};
+use tde_core::provider;
+use tde_core::secret::{TableKey, WrapKey};
+use tde_core::wrap::unwrap_table_key;
+
+use super::shmem::{self, Exclusive, KeyInfo};
+use crate::error::TdeError;
+use crate::wal;
+
+pub fn path() -> PathBuf {
+    // SAFETY: DataDir is set by the postmaster before libraries load, and
+    // every process runs with its working directory there.
+    let dir = unsafe {
+        if pg_sys::DataDir.is_null() {
+            PathBuf::from(".")
+        } else {
+            PathBuf::from(std::ffi::CStr::from_ptr(pg_sys::DataDir).to_string_lossy().into_owned())
+        }
+    };
+    dir.join("tde").join("keystore")
+}
+
+fn ensure_dir() -> Result<(), TdeError> {
+    let p = path();
+    let dir = p.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|source| {
+        TdeError::Store(tde_core::keystore::StoreError::Io { what: "create directory for", path: p.clone(), source })
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    Ok(())
+}
+
+fn info_of(e: &KeyEntry) -> KeyInfo {
+    KeyInfo { file: e.file, key_id: e.key_id, version: e.version, created: e.created, usable: true }
+}
+
+/// Unwraps the KEK with the store's current master key.
+fn unlock(ks: &KeyStore) -> Result<WrapKey, TdeError> {
+    let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
+    let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
+    let prov = provider::from_config(&entry.kind, &entry.options)?;
+    let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
+    let kek = prov.unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name)).map_err(|e| {
+        TdeError::Locked(format!("master key \"{}\" of provider \"{}\": {e}", p.key_name, p.provider))
+    })?;
+    Ok(kek)
+}
+
+fn unwrap_entry(ks: &KeyStore, kek: &WrapKey, e: &KeyEntry) -> Option<TableKey> {
+    let blob = B64.decode(&e.wrapped).ok()?;
+    unwrap_table_key(kek, &blob, &tek_aad(&ks.store_id, &e.file, e.key_id, e.version)).ok()
+}
+
+/// Fills the shared table from `ks`: unlock it with the master key, unwrap
+/// every table key.  A key that fails to unwrap stays listed as unusable, so
+/// its relation is never mistaken for a plain one.
+fn fill(x: &Exclusive, ks: &KeyStore) {
+    shmem::clear(x);
+    let kek = match ks.principal {
+        None => {
+            shmem::set_empty(x);
+            None
+        }
+        Some(_) => match unlock(ks) {
+            Ok(k) => {
+                shmem::set_unlocked(x, &k);
+                Some(k)
+            }
+            Err(e) => {
+                pgrx::warning!("tde: cannot unlock the key store; encrypted relations are unreadable until the master key is available: {e}");
+                shmem::set_locked(x, &e.to_string());
+                None
+            }
+        },
+    };
+    for e in &ks.keys {
+        let tek = kek.as_ref().and_then(|k| unwrap_entry(ks, k, e));
+        if kek.is_some() && tek.is_none() {
+            pgrx::warning!(
+                "tde: the key of relation file {}/{}/{} does not unwrap (tampered key store?)",
+                e.file.spc,
+                e.file.db,
+                e.file.rel
+            );
+        }
+        if shmem::insert(x, &info_of(e), tek.as_ref()).is_err() {
+            pgrx::warning!("tde: tde.max_relation_keys is too small for the key store ({} keys)", ks.keys.len());
+            break;
+        }
+    }
+}
+
+/// Loads the key store into the shared table at server start.  A corrupt or
+/// unreadable key store stops the server: starting without knowing which
+/// files are encrypted could write plaintext into them.
+pub fn load_at_startup() {
+    shmem::with_exclusive(|x| match KeyStore::load(&path()) {
+        Ok(None) => shmem::set_empty(x),
+        Ok(Some(ks)) => fill(x, &ks),
+        Err(e) => pgrx::ereport!(
+            pgrx::PgLogLevel::FATAL,
+            pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            format!("tde: {e}"),
+            "Restore the key store file from a backup; the server cannot tell which relations are encrypted without it."
+        ),
+    })
+}
+
+fn random_store_id() -> Result<String, TdeError> {
+    let k = WrapKey::generate().map_err(|_| TdeError::Crypto)?;
+    Ok(k.expose()[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What a change brings along that must not be in the WAL or the file.
+pub enum Secret<'a> {
+    None,
+    TableKey(&'a TableKey),
+    Kek(&'a WrapKey),
+}
+
+/// Makes one change durable: file, WAL and shared table.  `build` sees the
+/// current store and returns the change (so it can pick the next key id).
+pub fn commit(build: impl FnOnce(&KeyStore, &Exclusive) -> Result<Change, TdeError>, secret: Secret<'_>) -> Result<(), TdeError> {
+    // SAFETY: plain call; true on a standby or during crash recovery.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Err(TdeError::InRecovery);
+    }
+    ensure_dir()?;
+    shmem::with_exclusive(|x| {
+        let mut ks = match KeyStore::load(&path())? {
+            Some(ks) => ks,
+            None => {
+                let init = Change::Init { store_id: random_store_id()? };
+                wal::log_change(&init);
+                let Change::Init { store_id } = init else { unreachable!() };
+                KeyStore::new(store_id)
+            }
+        };
+        let change = build(&ks, x)?;
+        ks.apply(&change)?;
+        wal::log_change(&change);
+        ks.save(&path())?;
+        match (&change, secret) {
+            (Change::AddKey(e), Secret::TableKey(tek)) => {
+                shmem::insert(x, &info_of(e), Some(tek)).map_err(|f| TdeError::TableFull(f.0))?
+            }
+            (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, kek),
+            (change, _) => apply_to_table(x, &ks, change),
+        }
+        Ok(())
+    })
+}
+
+/// Applies a change to the shared table when no secret came with it.
+fn apply_to_table(x: &Exclusive, ks: &KeyStore, change: &Change) {
+    match change {
+        Change::AddKey(e) => {
+            let tek = shmem::kek_locked(x).and_then(|k| unwrap_entry(ks, &k, e));
+            if shmem::insert(x, &info_of(e), tek.as_ref()).is_err() {
+                pgrx::warning!("tde: tde.max_relation_keys is too small for the key store");
+            }
+        }
+        Change::RemoveKey { file } => shmem::remove(x, file),
+        // A new master key: retry unlocking if we are locked.
+        Change::SetPrincipal(_) => {
+            if shmem::kek_locked(x).is_none() {
+                fill(x, ks)
+            }
+        }
+        Change::Init { .. } | Change::AddProvider(_) => {}
+    }
+}
+
+/// Redo of a WAL record: the same change, applied to this server's file
+/// and table.
+pub fn redo(change: &Change) {
+    if let Err(e) = ensure_dir() {
+        e.raise();
+    }
+    shmem::with_exclusive(|x| {
+        let mut ks = match KeyStore::load(&path()) {
+            Ok(Some(ks)) => ks,
+            Ok(None) => match change {
+                Change::Init { store_id } => KeyStore::new(store_id.clone()),
+                _ => TdeError::Store(tde_core::keystore::StoreError::NotInitialised).raise(),
+            },
+            Err(e) => TdeError::from(e).raise(),
+        };
+        if let Err(e) = ks.apply(change) {
+            TdeError::from(e).raise();
+        }
+        if let Err(e) = ks.save(&path()) {
+            TdeError::from(e).raise();
+        }
+        apply_to_table(x, &ks, change);
+    })
+}
+
+/// Removes the key of a dropped file.  Runs after commit (or in redo),
+/// where an ERROR is not allowed: failures are logged and leave an orphan
+/// key, which is harmless.
+pub fn remove_quietly(file: &FileId) {
+    if !shmem::is_attached() || !shmem::contains(file) {
+        return;
+    }
+    shmem::with_exclusive(|x| {
+        let result = (|| -> Result<(), TdeError> {
+            if let Some(mut ks) = KeyStore::load(&path())? {
+                let change = Change::RemoveKey { file: *file };
+                ks.apply(&change)?;
+                ks.save(&path())?;
+            }
+            Ok(())
+        })();
+        shmem::remove(x, file);
+        if let Err(e) = result {
+            pgrx::warning!("tde: could not remove the key of dropped file {}/{}/{}: {e}", file.spc, file.db, file.rel);
+        }
+    })
+}
+
+/// Reads the key store (for SQL functions that list providers).
+pub fn read() -> Result<Option<KeyStore>, TdeError> {
+    Ok(KeyStore::load(&path())?)
+}

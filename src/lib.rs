@@ -1,0 +1,148 @@
+//! `tde`: Transparent Data Encryption for PostgreSQL.
+//!
+//! Where to look:
+//! - `_PG_init` below: refuses to load unless preloaded, then starts each module.
+//! - `sql/`: the SQL-facing functions, a thin layer over the rest.
+//! - `crates/tde-core`: ciphers, key wrapping and formats, free of PostgreSQL.
+//!
+//! The library must be in `shared_preload_libraries`: it registers a storage
+//! manager, shared memory and a WAL resource manager, all of which exist only
+//! when set up in the postmaster before any backend starts.
+
+use pgrx::prelude::*;
+
+mod am;
+mod error;
+mod gucs;
+mod hooks;
+mod keys;
+mod smgr;
+mod sql;
+mod wal;
+
+::pgrx::pg_module_magic!(name, version);
+
+/// Called by PostgreSQL when the library is loaded.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a PostgreSQL global set by the postmaster while
+    // it processes shared_preload_libraries; we are on the main thread.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "tde must be loaded via shared_preload_libraries",
+            "Add tde to shared_preload_libraries in postgresql.conf and restart the server."
+        );
+    }
+    gucs::init();
+    // SAFETY: installing shared memory hooks from _PG_init, chaining the
+    // previous ones.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+    wal::init();
+    smgr::init();
+    hooks::init();
+}
+
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: chaining to the previous hook.
+    if let Some(prev) = unsafe { PREV_SHMEM_REQUEST } {
+        unsafe { prev() };
+    }
+    keys::shmem::request(gucs::max_relation_keys());
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: chaining to the previous hook.
+    if let Some(prev) = unsafe { PREV_SHMEM_STARTUP } {
+        unsafe { prev() };
+    }
+    // The postmaster creates the table and loads the key store into it (also
+    // after a crash restart); children inherit it.
+    if keys::shmem::attach(gucs::max_relation_keys()) {
+        keys::store::load_at_startup();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn version_matches_the_crate() {
+        let v = Spi::get_one::<String>("SELECT tde_version()").unwrap();
+        assert_eq!(v.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    }
+
+    /// Sets up a file keyring (idempotent: key store changes are not
+    /// transactional, and every test shares the cluster).
+    fn keys() {
+        Spi::run(
+            "SELECT tde_add_key_provider('t', 'file', '{\"path\": \"/tmp/tde_pgrx_test_keyring\"}');
+             SELECT tde_set_master_key('t', 'mek-1')",
+        )
+        .unwrap();
+    }
+
+    /// Bytes of the relation's first segment, read back from disk.
+    fn file_contains(rel: &str, needle: &str) -> bool {
+        Spi::run("CHECKPOINT").unwrap();
+        Spi::get_one::<bool>(&format!(
+            "SELECT position(convert_to('{needle}', 'UTF8') IN pg_read_binary_file(pg_relation_filepath('{rel}'))) > 0"
+        ))
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn encrypted_pages_on_disk_hold_no_plaintext() {
+        keys();
+        Spi::run(
+            "CREATE TABLE enc_t (v text) USING tde_heap;
+             INSERT INTO enc_t SELECT 'PGTEST-ENC-' || g FROM generate_series(1, 100) g;
+             CREATE TABLE plain_t (v text);
+             INSERT INTO plain_t SELECT 'PGTEST-PLAIN-' || g FROM generate_series(1, 100) g;",
+        )
+        .unwrap();
+        assert!(!file_contains("enc_t", "PGTEST-ENC-"), "plaintext in an encrypted file");
+        assert!(file_contains("plain_t", "PGTEST-PLAIN-"), "control: the plain file shows its rows");
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM enc_t WHERE v LIKE 'PGTEST-ENC-%'").unwrap();
+        assert_eq!(n, Some(100));
+        assert_eq!(Spi::get_one::<bool>("SELECT tde_is_encrypted('enc_t')").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<bool>("SELECT tde_is_encrypted('plain_t')").unwrap(), Some(false));
+    }
+
+    #[pg_test(error = "tde: key provider \"missing\" does not exist")]
+    fn unknown_provider_is_an_error() {
+        Spi::run("SELECT tde_set_master_key('missing', 'k')").unwrap();
+    }
+
+    #[pg_test]
+    fn library_is_preloaded() {
+        let v = Spi::get_one::<String>("SHOW shared_preload_libraries").unwrap();
+        assert!(v.unwrap_or_default().split(',').any(|l| l.trim() == "tde"));
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'tde'"]
+    }
+}

@@ -1,0 +1,108 @@
+//! SQL-facing functions: a thin `#[pg_extern]` layer over plain Rust.
+//! Each function converts arguments, calls into the module that does the
+//! work, and turns errors into ereports with a SQLSTATE (error.rs).
+//! Grants: sql/tde--finalize.sql revokes all of these from PUBLIC.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::error::OrRaise;
+use crate::keys;
+
+/// The extension's version, as built.
+#[pg_extern]
+fn tde_version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// Adds a master-key provider: kind 'file' ({"path": ...}) or 'env'
+/// ({"variable": ...}).
+#[pg_extern(volatile)]
+fn tde_add_key_provider(name: &str, kind: &str, options: JsonB) {
+    keys::add_provider(name, kind, options.0).or_raise()
+}
+
+/// Makes `key_name` of `provider` the master key (creating it in a file
+/// keyring if needed); re-wraps the cluster's key-encryption key.
+#[pg_extern(volatile)]
+fn tde_set_master_key(provider: &str, key_name: &str) {
+    keys::set_master_key(provider, key_name).or_raise()
+}
+
+/// Whether the relation's data is encrypted.  Relations without storage
+/// (partitioned tables) report whether they use tde_heap.
+#[pg_extern(
+    stable,
+    sql = "CREATE FUNCTION tde_is_encrypted(rel regclass) RETURNS bool STRICT STABLE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_is_encrypted(rel: pg_sys::Oid) -> bool {
+    // SAFETY: relcache lookup of an existing relation, released below.
+    unsafe {
+        let r = pg_sys::RelationIdGetRelation(rel);
+        if r.is_null() {
+            error!("tde: relation with OID {} does not exist", u32::from(rel));
+        }
+        let form = &*(*r).rd_rel;
+        let has_storage = !matches!(form.relkind as u8, b'p' | b'I' | b'v' | b'f' | b'c');
+        let out = if has_storage {
+            keys::is_encrypted(&(*r).rd_locator, form.relpersistence as u8 == b't')
+        } else {
+            crate::am::uses_tde_heap(rel)
+        };
+        pg_sys::RelationClose(r);
+        out
+    }
+}
+
+/// Every key in the key store (no key material): one row per relation file.
+#[pg_extern(volatile)]
+fn tde_keys() -> TableIterator<
+    'static,
+    (
+        name!(spcoid, pg_sys::Oid),
+        name!(dboid, pg_sys::Oid),
+        name!(relfilenode, pg_sys::Oid),
+        name!(key_id, i64),
+        name!(key_version, i32),
+        name!(algorithm, &'static str),
+        name!(created, TimestampWithTimeZone),
+        name!(usable, bool),
+    ),
+> {
+    let rows: Vec<_> = keys::shmem::list()
+        .into_iter()
+        .map(|k| {
+            let created = to_timestamp(k.created as f64);
+            (
+                pg_sys::Oid::from(k.file.spc),
+                pg_sys::Oid::from(k.file.db),
+                pg_sys::Oid::from(k.file.rel),
+                k.key_id as i64,
+                k.version as i32,
+                tde_core::keystore::ALGORITHM_XTS,
+                created,
+                k.usable,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// The key store's state: 'empty' (no master key yet), 'unlocked', or
+/// 'locked' with the reason.
+#[pg_extern(volatile)]
+fn tde_key_store_state() -> TableIterator<'static, (name!(state, String), name!(reason, Option<String>))> {
+    let (state, reason) = keys::shmem::state();
+    let s = match state {
+        keys::shmem::StoreState::Empty => "empty",
+        keys::shmem::StoreState::Unlocked => "unlocked",
+        keys::shmem::StoreState::Locked => "locked",
+    };
+    TableIterator::once((s.to_string(), (!reason.is_empty()).then_some(reason)))
+}
+
+fn to_timestamp(secs: f64) -> TimestampWithTimeZone {
+    pgrx::datetime::to_timestamp(secs)
+}
+
+extension_sql_file!("../../sql/tde_objects.sql", name = "tde_objects", finalize);
