@@ -60,13 +60,19 @@ impl TdeError {
 
     /// Raises this error as a PostgreSQL ERROR.  Never returns.
     pub fn raise(&self) -> ! {
-        let msg = format!("tde: {self}");
-        match self.hint() {
-            Some(h) => ereport!(PgLogLevel::ERROR, self.code(), msg, h),
-            None => ereport!(PgLogLevel::ERROR, self.code(), msg),
-        }
+        report(PgLogLevel::ERROR, self.code(), format!("tde: {self}"), self.hint());
         unreachable!("ereport(ERROR) returned")
     }
+}
+
+/// ereport with an optional HINT (pgrx's ereport! macro only sets DETAIL).
+/// Returns only for levels below ERROR.
+pub fn report(level: PgLogLevel, code: PgSqlErrorCode, message: String, hint: Option<&str>) {
+    let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, message, "tde");
+    if let Some(h) = hint {
+        r = r.set_hint(h);
+    }
+    r.report(level);
 }
 
 /// Unwraps a result at the SQL boundary, raising the error.

@@ -162,11 +162,11 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
     // access method; it is not a new user table.
     let transient = name.starts_with("pg_temp_");
     if gucs::ENFORCE_ENCRYPTION.get() && user_table && !system && !transient && Some(relam) != tde_heap_oid() {
-        ereport!(
+        crate::error::report(
             PgLogLevel::ERROR,
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("tde: tde.enforce_encryption is on: table \"{name}\" would not be encrypted"),
-            "Use CREATE TABLE ... USING tde_heap, or SET default_table_access_method = tde_heap."
+            Some("Use CREATE TABLE ... USING tde_heap, or SET default_table_access_method = tde_heap."),
         );
     }
 }

@@ -25,7 +25,7 @@ sub fails_like
 
 $node->safe_psql('postgres', 'CREATE EXTENSION tde');
 fails_like(q{SELECT tde_add_key_provider('p', 'file', '{"pathh": "/x"}')},
-	qr/invalid options for a "file" key provider: unknown option "pathh"/, 'misspelled option');
+	qr/invalid options for key provider kind "file": unknown option "pathh"/, 'misspelled option');
 fails_like(q{SELECT tde_add_key_provider('p', 'file', '{"path": "relative"}')},
 	qr/"path" must be absolute/, 'relative path');
 fails_like(q{SELECT tde_add_key_provider('p', 'file', '[1, 2]')},

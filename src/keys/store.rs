@@ -120,11 +120,11 @@ pub fn load_at_startup() {
     shmem::with_exclusive(|x| match KeyStore::load(&path()) {
         Ok(None) => shmem::set_empty(x),
         Ok(Some(ks)) => fill(x, &ks),
-        Err(e) => pgrx::ereport!(
+        Err(e) => crate::error::report(
             pgrx::PgLogLevel::FATAL,
             pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
             format!("tde: {e}"),
-            "Restore the key store file from a backup; the server cannot tell which relations are encrypted without it."
+            Some("Restore the key store file from a backup; the server cannot tell which relations are encrypted without it."),
         ),
     })
 }

@@ -118,14 +118,14 @@ unsafe fn target(reln: SMgrRelation) -> Target {
 fn unavailable(t: &Target, fork: ForkNumber, action: &str) -> ! {
     let (_, why) = keys::shmem::state();
     let why = if why.is_empty() { "the key could not be unwrapped".to_string() } else { why };
-    ereport!(
+    crate::error::report(
         PgLogLevel::ERROR,
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!(
             "tde: cannot {action} encrypted relation file {}/{}/{} (fork {fork}): its key is unavailable: {why}",
             t.file.spc, t.file.db, t.file.rel
         ),
-        "Make the master key available and restart the server; nothing was written."
+        Some("Make the master key available and restart the server. Nothing was written."),
     );
     unreachable!()
 }

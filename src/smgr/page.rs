@@ -63,10 +63,11 @@ fn stored_checksum(page: &[u8; PAGE_SIZE]) -> u16 {
 }
 
 fn cipher_failed(what: &str) -> ! {
-    pgrx::ereport!(
+    crate::error::report(
         pgrx::PgLogLevel::ERROR,
         pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("tde: page {what} failed in the cipher library; nothing was written")
+        format!("tde: page {what} failed in the cipher library; nothing was written"),
+        None,
     );
     unreachable!()
 }

@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
-    #[error("invalid options for a \"{kind}\" key provider: {why}")]
+    #[error("invalid options for key provider kind \"{kind}\": {why}")]
     BadOptions { kind: String, why: String },
     #[error("unknown key provider kind \"{0}\" (supported: file, env)")]
     UnknownKind(String),
