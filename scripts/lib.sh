@@ -12,6 +12,7 @@
 #                   used instead of Debian's source package
 #   TDE_PG_USER     the unprivileged OS user that runs PostgreSQL when the
 #                   scripts run as root (default: tdepg)
+#   CARGO_TARGET_DIR  Rust build directory (default $TDE_CACHE_DIR/cargo-target)
 
 set -euo pipefail
 
@@ -100,3 +101,7 @@ setup_is_done() {
 }
 
 export PATH="$HOME/.cargo/bin:$PATH"
+# Compiled Rust dependencies are cached outside the checkout too, so a fresh
+# clone (CI) rebuilds only this workspace's crates.  Set CARGO_TARGET_DIR to
+# override.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TDE_CACHE_DIR/cargo-target}

@@ -11,6 +11,7 @@ use warnings FATAL => 'all';
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use MIME::Base64 ();
 use TdeTest;
 
 my $node = new_node('cipher');
@@ -49,6 +50,17 @@ is($node->safe_psql('postgres',
 is($node->safe_psql('postgres', "SELECT tde_is_encrypted('plain')"), 'f', 'plain is not encrypted');
 is($node->safe_psql('postgres', "SELECT count(*) FROM tde_status WHERE relation::text LIKE 'enc%'"),
 	'4', 'tde_status lists enc, its indexes and its sequence');
+
+# The master key never reaches the data directory (WAL included) or the log,
+# raw or base64.
+my $ring_json = slurp_file($ring);
+my ($mek_b64) = $ring_json =~ /"mek-1"\s*:\s*"([^"]+)"/;
+ok(defined $mek_b64, 'keyring holds mek-1');
+my $mek_raw = MIME::Base64::decode_base64($mek_b64);
+is(length($mek_raw), 32, 'mek-1 is 32 bytes');
+is_deeply([ files_containing($node, $mek_raw, include_wal => 1) ], [], 'raw master key is in no file under PGDATA, WAL included');
+is_deeply([ files_containing($node, $mek_b64, include_wal => 1) ], [], 'base64 master key is in no file under PGDATA');
+unlike(slurp_file($node->logfile), qr/\Q$mek_b64\E/, 'nor in the server log');
 
 # Reads back, via index and TOAST, before and after a restart.
 my $q = "SELECT count(*), sum(length(big)) FROM enc WHERE tag LIKE '$enc%'";

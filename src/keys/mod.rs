@@ -167,7 +167,6 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
         (shmem::StoreState::Locked, None) => return Err(TdeError::Locked(shmem::state().1)),
         (_, None) => WrapKey::generate().map_err(|_| TdeError::Crypto)?,
     };
-    let kek_for_table = WrapKey::from_bytes(kek.expose()).map_err(|_| TdeError::Crypto)?;
     store::commit(
         |ks, _| {
             let wrapped = prov.wrap(key_name, &kek, &kek_aad(&ks.store_id, provider_name, key_name))?;
@@ -177,6 +176,6 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
                 wrapped_kek: B64.encode(wrapped),
             }))
         },
-        Secret::Kek(&kek_for_table),
+        Secret::Kek(&kek),
     )
 }
