@@ -241,6 +241,29 @@ unsafe fn createdb_template(stmt: *mut pg_sys::CreatedbStmt) -> Option<pg_sys::O
     database_oid(c"template1".as_ptr())
 }
 
+/// ALTER DATABASE ... SET TABLESPACE moves files byte for byte to new
+/// locations, where their keys would not be found.  Until keys move with
+/// them, refuse it for databases that hold encrypted relations.
+unsafe fn refuse_moving_encrypted_database(stmt: *mut pg_sys::AlterDatabaseStmt) {
+    // SAFETY (caller): stmt is a valid AlterDatabaseStmt.
+    let options = unsafe { PgList::<pg_sys::DefElem>::from_pg((*stmt).options) };
+    // SAFETY: list cells are DefElem nodes with a NUL-terminated defname.
+    let moves = options.iter_ptr().any(|opt| unsafe { CStr::from_ptr((*opt).defname) } == c"tablespace");
+    if !moves {
+        return;
+    }
+    let Some(db) = database_oid(unsafe { (*stmt).dbname }) else { return };
+    let db = u32::from(db);
+    if keys::shmem::list().iter().any(|k| k.file.db == db) {
+        crate::error::report(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "tde: ALTER DATABASE ... SET TABLESPACE is not supported for a database with encrypted relations".into(),
+            Some("Move the tables instead: ALTER TABLE ... SET TABLESPACE, or ALTER TABLE ALL IN TABLESPACE ... SET TABLESPACE."),
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 #[pg_guard]
 unsafe extern "C-unwind" fn utility(
@@ -256,6 +279,11 @@ unsafe extern "C-unwind" fn utility(
     // SAFETY: pstmt is the statement being executed.
     let node = unsafe { (*pstmt).utilityStmt };
     let tag = unsafe { (*node).type_ };
+
+    if tag == pg_sys::NodeTag::T_AlterDatabaseStmt {
+        // SAFETY: node is an AlterDatabaseStmt.
+        unsafe { refuse_moving_encrypted_database(node as *mut pg_sys::AlterDatabaseStmt) };
+    }
 
     // What must be known before the statement runs.
     let dropped_db = if tag == pg_sys::NodeTag::T_DropdbStmt {

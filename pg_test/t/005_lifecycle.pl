@@ -120,6 +120,11 @@ for my $strategy (qw(wal_log file_copy))
 	$node->safe_psql("copy_$strategy", 'INSERT INTO s (tag) VALUES (NULL)');
 	is($node->safe_psql("copy_$strategy", 'SELECT count(*) FROM s'), $rows + 1, "$strategy copy accepts writes");
 }
+# Moving a whole database would move files away from their keys: refused.
+my ($rc0, $out0, $err0) = $node->psql('postgres', 'ALTER DATABASE copy_wal_log SET TABLESPACE ts');
+like($err0, qr/ALTER DATABASE \.\.\. SET TABLESPACE is not supported for a database with encrypted relations/,
+	'ALTER DATABASE SET TABLESPACE is refused for a database with encrypted relations');
+is($node->safe_psql('copy_wal_log', 'SELECT count(*) FROM s'), $rows + 1, 'and the database is untouched');
 my $keys_before = $node->safe_psql('postgres', 'SELECT count(*) FROM tde_keys()');
 $node->safe_psql('postgres', 'DROP DATABASE copy_file_copy');
 ok($node->safe_psql('postgres', 'SELECT count(*) FROM tde_keys()') < $keys_before, 'DROP DATABASE removes its keys');

@@ -104,6 +104,17 @@ thread_local! {
     static BOUNCE: RefCell<Vec<AlignedPage>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` with this process's bounce pages, allocating them on first use.
+fn with_bounce<R>(f: impl FnOnce(&mut [AlignedPage]) -> R) -> R {
+    BOUNCE.with(|b| {
+        let mut bounce = b.borrow_mut();
+        if bounce.is_empty() {
+            bounce.resize(BOUNCE_PAGES, AlignedPage([0; PAGE_SIZE]));
+        }
+        f(&mut bounce)
+    })
+}
+
 struct Target {
     file: FileId,
     temp: bool,
@@ -171,11 +182,7 @@ unsafe extern "C-unwind" fn tde_writev(
         // SAFETY: forwarding smgr.c's arguments unchanged.
         Lookup::Plain => unsafe { mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync) },
         Lookup::Unavailable => unavailable(&t, forknum, "write"),
-        Lookup::Cipher(cipher) => BOUNCE.with(|b| {
-            let mut bounce = b.borrow_mut();
-            if bounce.is_empty() {
-                bounce.resize(BOUNCE_PAGES, AlignedPage([0; PAGE_SIZE]));
-            }
+        Lookup::Cipher(cipher) => with_bounce(|bounce| {
             let mut ptrs = [std::ptr::null::<c_void>(); BOUNCE_PAGES];
             let mut done = 0usize;
             while done < nblocks as usize {
@@ -210,11 +217,7 @@ unsafe extern "C-unwind" fn tde_extend(
         // SAFETY: forwarding smgr.c's arguments unchanged.
         Lookup::Plain => unsafe { mdextend(reln, forknum, blocknum, buffer, skip_fsync) },
         Lookup::Unavailable => unavailable(&t, forknum, "extend"),
-        Lookup::Cipher(cipher) => BOUNCE.with(|b| {
-            let mut bounce = b.borrow_mut();
-            if bounce.is_empty() {
-                bounce.resize(BOUNCE_PAGES, AlignedPage([0; PAGE_SIZE]));
-            }
+        Lookup::Cipher(cipher) => with_bounce(|bounce| {
             // SAFETY: smgr.c passes one readable page of BLCKSZ bytes.
             let src = unsafe { &*(buffer as *const [u8; PAGE_SIZE]) };
             page::encrypt(cipher, t.file.rel, forknum, blocknum, src, &mut bounce[0].0);
