@@ -153,10 +153,14 @@ pub fn commit(build: impl FnOnce(&KeyStore, &Exclusive) -> Result<Change, TdeErr
         let mut ks = match KeyStore::load(&path())? {
             Some(ks) => ks,
             None => {
-                let init = Change::Init { store_id: random_store_id()? };
-                wal::log_change(&init);
-                let Change::Init { store_id } = init else { unreachable!() };
-                KeyStore::new(store_id)
+                // Log and save the new store before anything else, so a
+                // failing first change cannot leave the WAL with one store
+                // id and a later attempt with another.
+                let store_id = random_store_id()?;
+                wal::log_change(&Change::Init { store_id: store_id.clone() });
+                let ks = KeyStore::new(store_id);
+                ks.save(&path())?;
+                ks
             }
         };
         let change = build(&ks, x)?;
