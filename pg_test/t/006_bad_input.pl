@@ -111,8 +111,25 @@ for my $case ([ 'truncated', sub { truncate($store, 30) or die } ],
 	$node->stop;
 }
 
-# The env provider: a missing variable is a clear error.
+# Master-key rotation survives a restart: start-up unwraps with the new key,
+# and the old key is no longer needed.
 $node->start;
+$node->safe_psql('postgres', q{SELECT tde_set_master_key('local', 'mek-2')});
+$node->restart;
+is($node->safe_psql('postgres', 'SELECT state FROM tde_key_store_state()'), 'unlocked', 'after rotation and restart: unlocked');
+is($node->safe_psql('postgres', $check), '100', 'after rotation and restart: reads back');
+$node->stop;
+open($fh, '<', $ring) or die;
+my $json = do { local $/; <$fh> };
+close $fh;
+$json =~ s/"mek-1"\s*:\s*"[^"]*"/"mek-1": "QUJD"/;   # destroy the old key
+open($fh, '>', $ring) or die;
+print $fh $json;
+close $fh;
+$node->start;
+is($node->safe_psql('postgres', $check), '100', 'the old master key is not needed any more');
+
+# The env provider: a missing variable is a clear error.
 $node->safe_psql('postgres', q{SELECT tde_add_key_provider('env', 'env', '{"variable": "TDE_TEST_NO_SUCH_VAR"}')});
 fails_like(q{SELECT tde_set_master_key('env', 'k')}, qr/environment variable "TDE_TEST_NO_SUCH_VAR" is not set/, 'env provider without its variable');
 is($node->safe_psql('postgres', $check), '100', 'still readable with the file master key');
