@@ -83,24 +83,20 @@ sub check_encrypted
 create_table('postgres', 't');
 check_encrypted('CREATE TABLE', 'postgres', 't');
 
-$node->safe_psql('postgres', 'TRUNCATE t');
-fill('postgres', 't');
-check_encrypted('TRUNCATE', 'postgres', 't');
-
-$node->safe_psql('postgres', 'VACUUM FULL t');
-check_encrypted('VACUUM FULL', 'postgres', 't');
-
-$node->safe_psql('postgres', 'CLUSTER t USING t_pkey');
-check_encrypted('CLUSTER', 'postgres', 't');
-
-$node->safe_psql('postgres', 'REINDEX TABLE t');
-check_encrypted('REINDEX', 'postgres', 't');
-
-$node->safe_psql('postgres', 'REINDEX TABLE CONCURRENTLY t');
-check_encrypted('REINDEX CONCURRENTLY', 'postgres', 't');
-
-$node->safe_psql('postgres', 'ALTER TABLE t ALTER COLUMN id TYPE bigint');
-check_encrypted('ALTER TABLE rewrite', 'postgres', 't');
+# Each of these gives the table, its TOAST table and/or its indexes new files.
+for my $op (
+	[ 'TRUNCATE', 'TRUNCATE t' ],
+	[ 'VACUUM FULL', 'VACUUM FULL t' ],
+	[ 'CLUSTER', 'CLUSTER t USING t_pkey' ],
+	[ 'REINDEX', 'REINDEX TABLE t' ],
+	[ 'REINDEX CONCURRENTLY', 'REINDEX TABLE CONCURRENTLY t' ],
+	[ 'ALTER TABLE rewrite', 'ALTER TABLE t ALTER COLUMN id TYPE bigint' ])
+{
+	my ($what, $sql) = @$op;
+	$node->safe_psql('postgres', $sql);
+	fill('postgres', 't') if $what eq 'TRUNCATE';
+	check_encrypted($what, 'postgres', 't');
+}
 
 my $tsdir = PostgreSQL::Test::Utils::tempdir();
 $node->safe_psql('postgres', "CREATE TABLESPACE ts LOCATION '$tsdir'");
