@@ -68,13 +68,13 @@ unsafe fn decide_for_relation(rel: pg_sys::Relation) -> Option<bool> {
     // SAFETY (caller): rel is a valid relcache entry.
     let form = unsafe { &*(*rel).rd_rel };
     match form.relkind as u8 {
-        k if k == pg_sys::RELKIND_INDEX as u8 => {
+        k if k == pg_sys::RELKIND_INDEX => {
             // SAFETY: rd_index is NULL or the index's pg_index row.
             let index = unsafe { (*rel).rd_index };
             // A brand-new index has no rd_index yet: object_access decides.
             (!index.is_null()).then(|| uses_tde_heap(unsafe { (*index).indrelid }))
         }
-        k if k == pg_sys::RELKIND_SEQUENCE as u8 => {
+        k if k == pg_sys::RELKIND_SEQUENCE => {
             // SAFETY: rel is valid.
             sequence_owner(unsafe { (*rel).rd_id }).map(uses_tde_heap)
         }
@@ -93,7 +93,7 @@ unsafe extern "C-unwind" fn create_storage(
     if let Some(prev) = unsafe { PREV_CREATE_STORAGE } {
         unsafe { prev(rlocator, persistence, rel, source) };
     }
-    let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP as u8;
+    let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP;
     // SAFETY: rel is NULL or valid; source is NULL or valid (core patch).
     let decided = if rel.is_null() { None } else { unsafe { decide_for_relation(rel) } };
     let encrypt = decided.unwrap_or_else(|| !source.is_null() && keys::is_encrypted(unsafe { &*source }, temp));
@@ -146,8 +146,8 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
     let name = unsafe { CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()) }.to_string_lossy().into_owned();
     unsafe { pg_sys::RelationClose(rel) };
 
-    let temp = persistence == pg_sys::RELPERSISTENCE_TEMP as u8;
-    if relkind == pg_sys::RELKIND_INDEX as u8 && !keys::is_encrypted(&locator, temp) {
+    let temp = persistence == pg_sys::RELPERSISTENCE_TEMP;
+    if relkind == pg_sys::RELKIND_INDEX && !keys::is_encrypted(&locator, temp) {
         if let Some(table) = new_index_table(relid) {
             if uses_tde_heap(table) {
                 keys::create_key(&locator, persistence).or_raise();
@@ -155,7 +155,7 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
         }
     }
 
-    let user_table = relkind == pg_sys::RELKIND_RELATION as u8 || relkind == pg_sys::RELKIND_MATVIEW as u8;
+    let user_table = relkind == pg_sys::RELKIND_RELATION || relkind == pg_sys::RELKIND_MATVIEW;
     // SAFETY: plain catalog predicates on an OID.
     let system = unsafe { pg_sys::IsCatalogNamespace(namespace) || pg_sys::IsToastNamespace(namespace) };
     // make_new_heap's transient table for a rewrite keeps the old table's
@@ -202,7 +202,7 @@ fn sync_sequence(seqid: pg_sys::Oid) {
         out
     };
     let Some(owner) = sequence_owner(seqid) else { return };
-    let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP as u8;
+    let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP;
     if uses_tde_heap(owner) != keys::is_encrypted(&locator, temp) {
         // SAFETY: rewrites the sequence into a new relfilenumber with the
         // same persistence; create_storage decides the new file's key.

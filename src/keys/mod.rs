@@ -54,7 +54,7 @@ fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, tek: &Ta
 pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), TdeError> {
     let file = file_id(loc);
     let tek = TableKey::generate().map_err(|_| TdeError::Crypto)?;
-    if persistence == pg_sys::RELPERSISTENCE_TEMP as u8 {
+    if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
     install_key(file, &tek)
