@@ -57,11 +57,16 @@ pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), T
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
-    install_key(file, &tek)
+    install_keys(&[(file, tek)])
 }
 
-/// Records `tek` as the key of `file` (new key or copy of an existing one).
-fn install_key(file: FileId, tek: &TableKey) -> Result<(), TdeError> {
+/// Records each `tek` as the key of its file (new keys, or copies of
+/// existing ones), in one key store change.
+fn install_keys(keys: &[(FileId, TableKey)]) -> Result<(), TdeError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let secrets: Vec<Secret<'_>> = keys.iter().map(|(_, tek)| Secret::TableKey(tek)).collect();
     store::commit(
         |ks, x| {
             let kek = match shmem::kek_locked(x) {
@@ -73,9 +78,12 @@ fn install_key(file: FileId, tek: &TableKey) -> Result<(), TdeError> {
                     })
                 }
             };
-            Ok(Change::AddKey(wrap_entry(&ks.store_id, &kek, file, ks.next_key_id, tek)?))
+            keys.iter()
+                .zip(ks.next_key_id..)
+                .map(|((file, tek), key_id)| Ok(Change::AddKey(wrap_entry(&ks.store_id, &kek, *file, key_id, tek)?)))
+                .collect()
         },
-        Secret::TableKey(tek),
+        &secrets,
     )
 }
 
@@ -96,7 +104,7 @@ pub fn forget(loc: &pg_sys::RelFileLocator, temp: bool) {
     if temp {
         local::remove_temp_key(&file)
     } else {
-        store::remove_quietly(&file)
+        store::remove_quietly(&[file])
     }
 }
 
@@ -106,7 +114,7 @@ pub fn forget(loc: &pg_sys::RelFileLocator, temp: bool) {
 /// the page tweak does not depend on the database or tablespace).
 pub fn copy_database_keys(src_db: u32, dst_db: u32, src_default_spc: u32, dst_default_spc: u32) -> Result<usize, TdeError> {
     let todo: Vec<FileId> = shmem::list().into_iter().filter(|k| k.file.db == src_db).map(|k| k.file).collect();
-    let mut copied = 0;
+    let mut copies = Vec::new();
     for src in todo {
         let spc = if src.spc == src_default_spc { dst_default_spc } else { src.spc };
         let dst = FileId { spc, db: dst_db, rel: src.rel };
@@ -116,18 +124,17 @@ pub fn copy_database_keys(src_db: u32, dst_db: u32, src_default_spc: u32, dst_de
         let tek = shmem::with_exclusive(|x| shmem::key_of(x, &src)).ok_or_else(|| {
             TdeError::Locked(format!("the key of relation file {}/{}/{} is not available", src.spc, src.db, src.rel))
         })?;
-        install_key(dst, &tek)?;
-        copied += 1;
+        copies.push((dst, tek));
     }
-    Ok(copied)
+    install_keys(&copies)?;
+    Ok(copies.len())
 }
 
 /// Forgets every key of a dropped database (DROP DATABASE removes its
 /// directory without going through the storage manager).
 pub fn forget_database(db: u32) {
-    for k in shmem::list().into_iter().filter(|k| k.file.db == db) {
-        store::remove_quietly(&k.file);
-    }
+    let files: Vec<FileId> = shmem::list().into_iter().filter(|k| k.file.db == db).map(|k| k.file).collect();
+    store::remove_quietly(&files);
 }
 
 /// tde_add_key_provider(): validates and records a provider.
@@ -139,11 +146,10 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
     let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
     store::commit(
         |ks, _| match ks.provider(name) {
-            Some(p) if *p == entry => Ok(Change::AddProvider(entry)),
-            Some(_) => Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string()))),
-            None => Ok(Change::AddProvider(entry)),
+            Some(p) if *p != entry => Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string()))),
+            _ => Ok(vec![Change::AddProvider(entry)]),
         },
-        Secret::None,
+        &[],
     )
 }
 
@@ -170,12 +176,12 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
     store::commit(
         |ks, _| {
             let wrapped = prov.wrap(key_name, &kek, &kek_aad(&ks.store_id, provider_name, key_name))?;
-            Ok(Change::SetPrincipal(Principal {
+            Ok(vec![Change::SetPrincipal(Principal {
                 provider: provider_name.to_string(),
                 key_name: key_name.to_string(),
                 wrapped_kek: B64.encode(wrapped),
-            }))
+            })])
         },
-        Secret::Kek(&kek),
+        &[Secret::Kek(&kek)],
     )
 }

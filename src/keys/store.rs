@@ -141,9 +141,13 @@ pub enum Secret<'a> {
     Kek(&'a WrapKey),
 }
 
-/// Makes one change durable: file, WAL and shared table.  `build` sees the
-/// current store and returns the change (so it can pick the next key id).
-pub fn commit(build: impl FnOnce(&KeyStore, &Exclusive) -> Result<Change, TdeError>, secret: Secret<'_>) -> Result<(), TdeError> {
+/// Makes a batch of changes durable: WAL, file (rewritten once) and shared
+/// table.  `build` sees the current store and returns the changes (so it can
+/// pick key ids); `secrets[i]` goes with change `i` (missing = none).
+pub fn commit(
+    build: impl FnOnce(&KeyStore, &Exclusive) -> Result<Vec<Change>, TdeError>,
+    secrets: &[Secret<'_>],
+) -> Result<(), TdeError> {
     // SAFETY: plain call; true on a standby or during crash recovery.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Err(TdeError::InRecovery);
@@ -157,22 +161,26 @@ pub fn commit(build: impl FnOnce(&KeyStore, &Exclusive) -> Result<Change, TdeErr
                 // failing first change cannot leave the WAL with one store
                 // id and a later attempt with another.
                 let store_id = random_store_id()?;
-                wal::log_change(&Change::Init { store_id: store_id.clone() });
+                wal::log_changes(&[Change::Init { store_id: store_id.clone() }]);
                 let ks = KeyStore::new(store_id);
                 ks.save(&path())?;
                 ks
             }
         };
-        let change = build(&ks, x)?;
-        ks.apply(&change)?;
-        wal::log_change(&change);
+        let changes = build(&ks, x)?;
+        for change in &changes {
+            ks.apply(change)?;
+        }
+        wal::log_changes(&changes);
         ks.save(&path())?;
-        match (&change, secret) {
-            (Change::AddKey(e), Secret::TableKey(tek)) => {
-                shmem::insert(x, &info_of(e), Some(tek)).map_err(|f| TdeError::TableFull(f.0))?
+        for (i, change) in changes.iter().enumerate() {
+            match (change, secrets.get(i).unwrap_or(&Secret::None)) {
+                (Change::AddKey(e), Secret::TableKey(tek)) => {
+                    shmem::insert(x, &info_of(e), Some(tek)).map_err(|f| TdeError::TableFull(f.0))?
+                }
+                (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, kek),
+                (change, _) => apply_to_table(x, &ks, change),
             }
-            (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, kek),
-            (change, _) => apply_to_table(x, &ks, change),
         }
         Ok(())
     })
@@ -223,25 +231,32 @@ pub fn redo(change: &Change) {
     })
 }
 
-/// Removes the key of a dropped file.  Runs after commit (or in redo),
-/// where an ERROR is not allowed: failures are logged and leave an orphan
-/// key, which is harmless.
-pub fn remove_quietly(file: &FileId) {
-    if !shmem::is_attached() || !shmem::contains(file) {
+/// Removes the keys of dropped files, rewriting the file once.  Runs after
+/// commit (or in redo), where an ERROR is not allowed: failures are logged
+/// and leave orphan keys, which are harmless.
+pub fn remove_quietly(files: &[FileId]) {
+    if !shmem::is_attached() {
+        return;
+    }
+    let files: Vec<FileId> = files.iter().filter(|f| shmem::contains(f)).copied().collect();
+    if files.is_empty() {
         return;
     }
     shmem::with_exclusive(|x| {
         let result = (|| -> Result<(), TdeError> {
             if let Some(mut ks) = KeyStore::load(&path())? {
-                let change = Change::RemoveKey { file: *file };
-                ks.apply(&change)?;
+                for file in &files {
+                    ks.apply(&Change::RemoveKey { file: *file })?;
+                }
                 ks.save(&path())?;
             }
             Ok(())
         })();
-        shmem::remove(x, file);
+        for file in &files {
+            shmem::remove(x, file);
+        }
         if let Err(e) = result {
-            pgrx::warning!("tde: could not remove the key of dropped file {}/{}/{}: {e}", file.spc, file.db, file.rel);
+            pgrx::warning!("tde: could not remove the keys of {} dropped file(s): {e}", files.len());
         }
     })
 }

@@ -42,16 +42,22 @@ pub fn init() {
     unsafe { pg_sys::RegisterCustomRmgr(TDE_RMGR_ID as _, &RMGR.0) };
 }
 
-/// Writes `change` to the WAL and flushes it.
-pub fn log_change(change: &Change) {
-    let payload = serde_json::to_vec(change).unwrap_or_default();
-    // SAFETY: the standard XLogBeginInsert/XLogRegisterData/XLogInsert
-    // sequence; `payload` outlives XLogInsert, which copies it.
-    unsafe {
-        pg_sys::XLogBeginInsert();
-        pg_sys::XLogRegisterData(payload.as_ptr() as *mut c_char, payload.len() as u32);
-        let lsn = pg_sys::XLogInsert(TDE_RMGR_ID as _, XLOG_TDE_CHANGE);
-        pg_sys::XLogFlush(lsn);
+/// Writes `changes` to the WAL, one record each, and flushes once.
+pub fn log_changes(changes: &[Change]) {
+    let mut lsn = 0;
+    for change in changes {
+        let payload = serde_json::to_vec(change).unwrap_or_default();
+        // SAFETY: the standard XLogBeginInsert/XLogRegisterData/XLogInsert
+        // sequence; `payload` outlives XLogInsert, which copies it.
+        lsn = unsafe {
+            pg_sys::XLogBeginInsert();
+            pg_sys::XLogRegisterData(payload.as_ptr() as *mut c_char, payload.len() as u32);
+            pg_sys::XLogInsert(TDE_RMGR_ID as _, XLOG_TDE_CHANGE)
+        };
+    }
+    if lsn != 0 {
+        // SAFETY: flushes WAL we just inserted.
+        unsafe { pg_sys::XLogFlush(lsn) };
     }
 }
 
