@@ -8,8 +8,8 @@
 # Environment a user may set:
 #   TDE_CACHE_DIR   where PostgreSQL sources/builds are cached
 #                   (default /var/cache/tde as root, ~/.cache/tde otherwise)
-#   TDE_PG_SOURCE   a local PostgreSQL tarball (.tar.bz2/.tar.gz) or source tree,
-#                   used instead of Debian's source package
+#   TDE_PG_SOURCE   a local PostgreSQL tarball or source tree of the pinned
+#                   release (patches/pg17/SOURCE), used instead of downloading
 #   TDE_PG_USER     the unprivileged OS user that runs PostgreSQL when the
 #                   scripts run as root (default: tdepg)
 #   CARGO_TARGET_DIR  Rust build directory (default $TDE_CACHE_DIR/cargo-target)
@@ -47,29 +47,25 @@ pg_patch_hash() {
   } | sha256sum | cut -c1-12
 }
 
-# The PostgreSQL version we build: from TDE_PG_SOURCE, else from the newest
-# tarball already downloaded, else from apt's source index.
-pg_version() {
-  if [ -n "${TDE_PG_SOURCE:-}" ]; then
-    if [ -d "$TDE_PG_SOURCE" ]; then
-      sed -n "s/^PACKAGE_VERSION='\(.*\)'/\1/p" "$TDE_PG_SOURCE/configure"
-    else
-      basename "$TDE_PG_SOURCE" | sed -E 's/^postgresql(-[0-9]+)?[_-]([0-9.]+).*$/\2/'
-    fi
-    return
-  fi
-  local f
-  f=$(ls -1 "$TDE_CACHE_DIR"/downloads/postgresql-${PG_MAJOR}_*.orig.tar.bz2 2>/dev/null | sort -V | tail -n1 || true)
-  if [ -n "$f" ]; then
-    basename "$f" | sed -E 's/^postgresql-[0-9]+_([0-9.]+)\.orig.*/\1/'
-    return
-  fi
-  apt-cache showsrc "postgresql-$PG_MAJOR" 2>/dev/null | sed -n 's/^Version: \([0-9.]*\).*/\1/p' | sort -V | tail -n1
+# The PostgreSQL release we build is pinned in patches/pg$PG_MAJOR/SOURCE
+# (version, SHA-256, size of the pristine tarball), so the version is known
+# before any source is fetched, and every tarball is checked against the pin.
+PG_PIN_FILE="$TDE_ROOT/patches/pg$PG_MAJOR/SOURCE"
+pg_pin() {   # prints "VERSION SHA256 SIZE"
+  local line
+  line=$(grep -Ev '^[[:space:]]*(#|$)' "$PG_PIN_FILE" 2>/dev/null | head -n1)
+  [[ "$line" =~ ^[0-9]+\.[0-9]+[[:space:]]+[0-9a-f]{64}[[:space:]]+[0-9]+$ ]] \
+    || die "$PG_PIN_FILE must hold one line 'VERSION SHA256 SIZE' (found: '${line}')"
+  echo $line
 }
+pg_version() { local p; p=$(pg_pin) || exit 1; set -- $p; echo "$1"; }
+pg_pin_sha256() { local p; p=$(pg_pin) || exit 1; set -- $p; echo "$2"; }
+pg_pin_size() { local p; p=$(pg_pin) || exit 1; set -- $p; echo "$3"; }
+# The cached, verified tarball (it may not exist yet).
+pg_cached_tarball() { echo "$TDE_CACHE_DIR/downloads/postgresql-${PG_MAJOR}_$(pg_version).orig.tar.bz2"; }
 
 pg_prefix() {
   local v; v=$(pg_version)
-  [ -n "$v" ] || die "cannot tell the PostgreSQL version; run scripts/setup"
   echo "$TDE_CACHE_DIR/pg-$v-$(pg_patch_hash)/install"
 }
 
