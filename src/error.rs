@@ -52,7 +52,9 @@ impl TdeError {
     fn hint(&self) -> Option<&'static str> {
         match self {
             TdeError::NoMasterKey => Some("Call tde_add_key_provider() and tde_set_master_key() first."),
-            TdeError::Locked(_) => Some("Make the master key available (keyring file, environment variable) and restart the server."),
+            TdeError::Locked(_) => {
+                Some("Make the master key available (keyring file, environment variable) and restart the server.")
+            }
             TdeError::TableFull(_) => Some("Raise tde.max_relation_keys and restart the server."),
             _ => None,
         }

@@ -118,7 +118,14 @@ fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
             pg_sys::Datum::from(indexid),
         );
         let snapshot = std::ptr::addr_of_mut!(pg_sys::SnapshotSelfData);
-        let scan = pg_sys::systable_beginscan(pg_index, pg_sys::Oid::from(pg_sys::IndexRelidIndexId), true, snapshot, 1, &mut key);
+        let scan = pg_sys::systable_beginscan(
+            pg_index,
+            pg_sys::Oid::from(pg_sys::IndexRelidIndexId),
+            true,
+            snapshot,
+            1,
+            &mut key,
+        );
         let tuple = pg_sys::systable_getnext(scan);
         let table = if tuple.is_null() {
             None
@@ -296,7 +303,16 @@ unsafe extern "C-unwind" fn utility(
     unsafe {
         match PREV_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
         }
     }
 
@@ -309,7 +325,15 @@ unsafe extern "C-unwind" fn utility(
             };
             // SAFETY: make the new OWNED BY dependency visible, then look up.
             unsafe { pg_sys::CommandCounterIncrement() };
-            let seqid = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as _, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+            let seqid = unsafe {
+                pg_sys::RangeVarGetRelidExtended(
+                    rv,
+                    pg_sys::NoLock as _,
+                    pg_sys::RVROption::RVR_MISSING_OK,
+                    None,
+                    std::ptr::null_mut(),
+                )
+            };
             if seqid != pg_sys::InvalidOid {
                 sync_sequence(seqid);
             }
@@ -317,7 +341,15 @@ unsafe extern "C-unwind" fn utility(
         pg_sys::NodeTag::T_AlterTableStmt => {
             let rv = unsafe { (*(node as *mut pg_sys::AlterTableStmt)).relation };
             unsafe { pg_sys::CommandCounterIncrement() };
-            let relid = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as _, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+            let relid = unsafe {
+                pg_sys::RangeVarGetRelidExtended(
+                    rv,
+                    pg_sys::NoLock as _,
+                    pg_sys::RVROption::RVR_MISSING_OK,
+                    None,
+                    std::ptr::null_mut(),
+                )
+            };
             if relid != pg_sys::InvalidOid {
                 // SAFETY: returns a palloc'd list of sequence OIDs.
                 let seqs = unsafe { PgList::<c_void>::from_pg(pg_sys::getOwnedSequences(relid)) };

@@ -30,10 +30,7 @@ pub fn file_id(loc: &pg_sys::RelFileLocator) -> FileId {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, tek: &TableKey) -> Result<KeyEntry, TdeError> {
@@ -112,7 +109,12 @@ pub fn forget(loc: &pg_sys::RelFileLocator, temp: bool) {
 /// new database: each encrypted file of the template gets its key recorded
 /// again under the new location (same key, since the bytes are the same;
 /// the page tweak does not depend on the database or tablespace).
-pub fn copy_database_keys(src_db: u32, dst_db: u32, src_default_spc: u32, dst_default_spc: u32) -> Result<usize, TdeError> {
+pub fn copy_database_keys(
+    src_db: u32,
+    dst_db: u32,
+    src_default_spc: u32,
+    dst_default_spc: u32,
+) -> Result<usize, TdeError> {
     let todo: Vec<FileId> = shmem::list().into_iter().filter(|k| k.file.db == src_db).map(|k| k.file).collect();
     let mut copies = Vec::new();
     for src in todo {
@@ -146,7 +148,9 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
     let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
     store::commit(
         |ks, _| match ks.provider(name) {
-            Some(p) if *p != entry => Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string()))),
+            Some(p) if *p != entry => {
+                Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string())))
+            }
             _ => Ok(vec![Change::AddProvider(entry)]),
         },
         &[],

@@ -146,7 +146,10 @@ unsafe fn protect_region(ptr: *mut u8, len: usize) {
     let rc_dump = libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP);
     let rc_lock = libc::mlock(start as *const libc::c_void, end - start);
     if rc_dump != 0 || rc_lock != 0 {
-        pgrx::log!("tde: could not mlock/madvise the key table ({} bytes); keys may reach swap or core dumps", end - start);
+        pgrx::log!(
+            "tde: could not mlock/madvise the key table ({} bytes); keys may reach swap or core dumps",
+            end - start
+        );
     }
 }
 

@@ -63,9 +63,9 @@ fn unlock(ks: &KeyStore) -> Result<WrapKey, TdeError> {
     let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
     let prov = provider::from_config(&entry.kind, &entry.options)?;
     let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
-    let kek = prov.unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name)).map_err(|e| {
-        TdeError::Locked(format!("master key \"{}\" of provider \"{}\": {e}", p.key_name, p.provider))
-    })?;
+    let kek = prov
+        .unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))
+        .map_err(|e| TdeError::Locked(format!("master key \"{}\" of provider \"{}\": {e}", p.key_name, p.provider)))?;
     Ok(kek)
 }
 
@@ -117,7 +117,8 @@ fn fill(x: &Exclusive, ks: &KeyStore) {
 /// unreadable key store stops the server: starting without knowing which
 /// files are encrypted could write plaintext into them.
 pub fn load_at_startup() {
-    shmem::with_exclusive(|x| match KeyStore::load(&path()) {
+    shmem::with_exclusive(|x| {
+        match KeyStore::load(&path()) {
         Ok(None) => shmem::set_empty(x),
         Ok(Some(ks)) => fill(x, &ks),
         Err(e) => crate::error::report(
@@ -126,6 +127,7 @@ pub fn load_at_startup() {
             format!("tde: {e}"),
             Some("Restore the key store file from a backup; the server cannot tell which relations are encrypted without it."),
         ),
+    }
     })
 }
 

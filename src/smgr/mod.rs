@@ -41,10 +41,22 @@ extern "C-unwind" {
     fn mdcreate(reln: SMgrRelation, forknum: ForkNumber, is_redo: bool);
     fn mdexists(reln: SMgrRelation, forknum: ForkNumber) -> bool;
     fn mdunlink(rlocator: pg_sys::RelFileLocatorBackend, forknum: ForkNumber, is_redo: bool);
-    fn mdextend(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, buffer: *const c_void, skip_fsync: bool);
+    fn mdextend(
+        reln: SMgrRelation,
+        forknum: ForkNumber,
+        blocknum: BlockNumber,
+        buffer: *const c_void,
+        skip_fsync: bool,
+    );
     fn mdzeroextend(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, nblocks: c_int, skip_fsync: bool);
     fn mdprefetch(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, nblocks: c_int) -> bool;
-    fn mdreadv(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, buffers: *mut *mut c_void, nblocks: BlockNumber);
+    fn mdreadv(
+        reln: SMgrRelation,
+        forknum: ForkNumber,
+        blocknum: BlockNumber,
+        buffers: *mut *mut c_void,
+        nblocks: BlockNumber,
+    );
     fn mdwritev(
         reln: SMgrRelation,
         forknum: ForkNumber,

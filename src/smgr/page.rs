@@ -73,8 +73,16 @@ fn cipher_failed(what: &str) -> ! {
 }
 
 /// Encrypts `src` into `dst`.
-pub fn encrypt(c: &mut PageCipher, rel: u32, fork: pg_sys::ForkNumber::Type, block: u32, src: &[u8; PAGE_SIZE], dst: &mut [u8; PAGE_SIZE]) {
-    let encrypted = encrypt_page(c, &position(rel, fork, block), src, dst).unwrap_or_else(|_| cipher_failed("encryption"));
+pub fn encrypt(
+    c: &mut PageCipher,
+    rel: u32,
+    fork: pg_sys::ForkNumber::Type,
+    block: u32,
+    src: &[u8; PAGE_SIZE],
+    dst: &mut [u8; PAGE_SIZE],
+) {
+    let encrypted =
+        encrypt_page(c, &position(rel, fork, block), src, dst).unwrap_or_else(|_| cipher_failed("encryption"));
     if encrypted && checksums_enabled() && !is_new(dst) {
         let sum = checksum(dst, block);
         set_checksum(dst, sum);

@@ -31,8 +31,8 @@ mod aes_pipelined {
     use aes::cipher::{
         array::{Array, ArraySize},
         consts::U16,
-        Block, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt,
-        BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
+        Block, BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt, BlockCipherEncBackend,
+        BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
     };
     use aes::{Aes256, Aes256Enc};
 
@@ -93,22 +93,14 @@ mod aes_pipelined {
         let mut tweaks: Array<u128, N> = Default::default();
         let mut chunks = data.chunks_exact_mut(N::USIZE * BLOCK_LEN);
         for chunk in &mut chunks {
-            for ((src, dst), tw) in chunk
-                .chunks_exact(BLOCK_LEN)
-                .zip(batch.iter_mut())
-                .zip(tweaks.iter_mut())
-            {
+            for ((src, dst), tw) in chunk.chunks_exact(BLOCK_LEN).zip(batch.iter_mut()).zip(tweaks.iter_mut()) {
                 *tw = t;
                 dst.copy_from_slice(src);
                 xor_block(dst, t);
                 t = mul_alpha(t);
             }
             par(&mut batch);
-            for ((dst, src), tw) in chunk
-                .chunks_exact_mut(BLOCK_LEN)
-                .zip(batch.iter())
-                .zip(tweaks.iter())
-            {
+            for ((dst, src), tw) in chunk.chunks_exact_mut(BLOCK_LEN).zip(batch.iter()).zip(tweaks.iter()) {
                 dst.copy_from_slice(src);
                 xor_block(dst, *tw);
             }
@@ -165,10 +157,7 @@ mod aes_pipelined {
 
 fn xts_mode_cipher(key: &TableKey) -> xts_mode::Xts128<aes::Aes256> {
     let (k1, k2) = key.expose().split_at(32);
-    xts_mode::Xts128::new(
-        aes::Aes256::new_from_slice(k1).unwrap(),
-        aes::Aes256::new_from_slice(k2).unwrap(),
-    )
+    xts_mode::Xts128::new(aes::Aes256::new_from_slice(k1).unwrap(), aes::Aes256::new_from_slice(k2).unwrap())
 }
 
 fn bench(c: &mut Criterion) {
@@ -188,19 +177,11 @@ fn bench(c: &mut Criterion) {
     assert_eq!(a, b, "ours and aes_pipelined disagree");
     assert_eq!(a, d, "ours and xts-mode disagree");
     pipelined.decrypt(&tweak, &mut b);
-    assert_eq!(
-        b,
-        vec![0x3cu8; PAGE_SIZE],
-        "aes_pipelined does not round-trip"
-    );
+    assert_eq!(b, vec![0x3cu8; PAGE_SIZE], "aes_pipelined does not round-trip");
 
     let mut buf = vec![0x5au8; PAGE_SIZE];
     for enc in [true, false] {
-        let mut g = c.benchmark_group(if enc {
-            "xts_8192_encrypt"
-        } else {
-            "xts_8192_decrypt"
-        });
+        let mut g = c.benchmark_group(if enc { "xts_8192_encrypt" } else { "xts_8192_decrypt" });
         g.throughput(Throughput::Bytes(PAGE_SIZE as u64));
         g.bench_function("ours", |bch| {
             bch.iter(|| {
@@ -232,11 +213,7 @@ fn bench(c: &mut Criterion) {
         g.finish();
     }
 
-    let pos = PagePosition {
-        rel_number: 16384,
-        fork: 0,
-        block: 42,
-    };
+    let pos = PagePosition { rel_number: 16384, fork: 0, block: 42 };
     let mut src = Box::new([0u8; PAGE_SIZE]);
     for (i, b) in src.iter_mut().enumerate() {
         *b = (i % 253) as u8 | 1;

@@ -93,11 +93,15 @@ pub struct KeyStore {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Change {
     /// Creates the store (first tde_set_master_key) or is a no-op.
-    Init { store_id: String },
+    Init {
+        store_id: String,
+    },
     AddProvider(ProviderEntry),
     SetPrincipal(Principal),
     AddKey(KeyEntry),
-    RemoveKey { file: FileId },
+    RemoveKey {
+        file: FileId,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,8 +206,11 @@ impl KeyStore {
     /// Replaces the file at `path` atomically: write a temporary file,
     /// fsync it, rename it over `path`, fsync the directory.
     pub fn save(&self, path: &Path) -> Result<(), StoreError> {
-        write_atomically(path, &self.encode(), 0o600)
-            .map_err(|(what, source)| StoreError::Io { what, path: path.to_path_buf(), source })
+        write_atomically(path, &self.encode(), 0o600).map_err(|(what, source)| StoreError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -215,13 +222,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), (&'s
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| ("create", e))?;
+    let mut f =
+        OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(|e| ("create", e))?;
     f.write_all(bytes).map_err(|e| ("write", e))?;
     f.sync_all().map_err(|e| ("fsync", e))?;
     drop(f);

@@ -83,8 +83,7 @@ pub fn page_lsn(page: &[u8; PAGE_SIZE]) -> u64 {
 pub fn is_all_zero(page: &[u8; PAGE_SIZE]) -> bool {
     // The answer is public (the output shows it), so an early exit is fine; chunks of 8
     // bytes keep the common non-zero case to one comparison.
-    page.chunks_exact(8)
-        .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
+    page.chunks_exact(8).all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
 }
 
 /// Encrypts one page from `src` into `dst` (a private bounce buffer; the caller's buffer
@@ -119,11 +118,7 @@ pub fn encrypt_page(
 /// Decrypts one page in place, reading the LSN from its plaintext header. All-zero pages
 /// pass through unchanged. Returns whether it decrypted. On error the page contents are
 /// unspecified and must not be used.
-pub fn decrypt_page(
-    c: &mut PageCipher,
-    pos: &PagePosition,
-    page: &mut [u8; PAGE_SIZE],
-) -> Result<bool, Error> {
+pub fn decrypt_page(c: &mut PageCipher, pos: &PagePosition, page: &mut [u8; PAGE_SIZE]) -> Result<bool, Error> {
     if is_all_zero(page) {
         return Ok(false);
     }
@@ -156,27 +151,13 @@ mod tests {
         p
     }
 
-    const POS: PagePosition = PagePosition {
-        rel_number: 16384,
-        fork: 0,
-        block: 7,
-    };
+    const POS: PagePosition = PagePosition { rel_number: 16384, fork: 0, block: 7 };
 
     #[test]
     fn tweak_layout_is_as_documented() {
-        let pos = PagePosition {
-            rel_number: 0x0403_0201,
-            fork: 2,
-            block: 0x1413_1211,
-        };
+        let pos = PagePosition { rel_number: 0x0403_0201, fork: 2, block: 0x1413_1211 };
         let t = page_tweak(&pos, 0x2827_2625_2423_2221);
-        assert_eq!(
-            t,
-            [
-                0x11, 0x12, 0x13, 0x14, 0x01, 0x02, 0x03, 0x04, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26,
-                0x27, 0xa8
-            ]
-        );
+        assert_eq!(t, [0x11, 0x12, 0x13, 0x14, 0x01, 0x02, 0x03, 0x04, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0xa8]);
     }
 
     #[test]
@@ -200,15 +181,8 @@ mod tests {
             for fork in 0..=MAX_FORK {
                 for &block in &blocks {
                     for &lsn in &lsns {
-                        let pos = PagePosition {
-                            rel_number,
-                            fork,
-                            block,
-                        };
-                        assert!(
-                            seen.insert(page_tweak(&pos, lsn)),
-                            "tweak collision at {pos:?} lsn {lsn:#x}"
-                        );
+                        let pos = PagePosition { rel_number, fork, block };
+                        assert!(seen.insert(page_tweak(&pos, lsn)), "tweak collision at {pos:?} lsn {lsn:#x}");
                         count += 1;
                     }
                 }
@@ -270,10 +244,7 @@ mod tests {
         encrypt_page(&mut c, &POS, &a, &mut ea).unwrap();
         encrypt_page(&mut c, &POS, &b, &mut eb).unwrap();
         // Same body, different LSN: no 16-byte ciphertext block repeats.
-        for (x, y) in ea[PLAINTEXT_HEADER_LEN..]
-            .chunks_exact(16)
-            .zip(eb[PLAINTEXT_HEADER_LEN..].chunks_exact(16))
-        {
+        for (x, y) in ea[PLAINTEXT_HEADER_LEN..].chunks_exact(16).zip(eb[PLAINTEXT_HEADER_LEN..].chunks_exact(16)) {
             assert_ne!(x, y);
         }
     }
@@ -288,10 +259,7 @@ mod tests {
         for other in [
             PagePosition { block: 8, ..POS },
             PagePosition { fork: 1, ..POS },
-            PagePosition {
-                rel_number: 16385,
-                ..POS
-            },
+            PagePosition { rel_number: 16385, ..POS },
         ] {
             encrypt_page(&mut c, &other, &src, &mut e2).unwrap();
             assert_ne!(e1[PLAINTEXT_HEADER_LEN..], e2[PLAINTEXT_HEADER_LEN..]);

@@ -73,10 +73,7 @@ impl TableKey {
     /// 64 or the two halves are equal.
     pub fn from_bytes(bytes: &[u8]) -> Result<TableKey, Error> {
         if bytes.len() != TABLE_KEY_LEN {
-            return Err(Error::KeyLength {
-                expected: TABLE_KEY_LEN,
-                actual: bytes.len(),
-            });
+            return Err(Error::KeyLength { expected: TABLE_KEY_LEN, actual: bytes.len() });
         }
         let mut key = TableKey(Box::new([0u8; TABLE_KEY_LEN]));
         key.0.copy_from_slice(bytes);
@@ -120,10 +117,7 @@ impl WrapKey {
     /// Takes a copy of `bytes` (which the caller should wipe). Errors if the length is not 32.
     pub fn from_bytes(bytes: &[u8]) -> Result<WrapKey, Error> {
         if bytes.len() != WRAP_KEY_LEN {
-            return Err(Error::KeyLength {
-                expected: WRAP_KEY_LEN,
-                actual: bytes.len(),
-            });
+            return Err(Error::KeyLength { expected: WRAP_KEY_LEN, actual: bytes.len() });
         }
         let mut key = WrapKey(Box::new([0u8; WRAP_KEY_LEN]));
         key.0.copy_from_slice(bytes);
@@ -164,13 +158,7 @@ mod tests {
 
     #[test]
     fn table_key_rejects_wrong_length() {
-        assert_eq!(
-            TableKey::from_bytes(&[1u8; 32]).err(),
-            Some(Error::KeyLength {
-                expected: 64,
-                actual: 32
-            })
-        );
+        assert_eq!(TableKey::from_bytes(&[1u8; 32]).err(), Some(Error::KeyLength { expected: 64, actual: 32 }));
         assert!(TableKey::from_bytes(&[1u8; 65]).is_err());
         assert!(TableKey::from_bytes(&[]).is_err());
     }
@@ -181,10 +169,7 @@ mod tests {
         for (i, b) in bytes.iter_mut().enumerate() {
             *b = (i % 32) as u8;
         }
-        assert_eq!(
-            TableKey::from_bytes(&bytes).err(),
-            Some(Error::XtsKeyHalvesEqual)
-        );
+        assert_eq!(TableKey::from_bytes(&bytes).err(), Some(Error::XtsKeyHalvesEqual));
         bytes[63] ^= 1;
         assert!(TableKey::from_bytes(&bytes).is_ok());
     }
@@ -205,11 +190,7 @@ mod tests {
         // Errors are plain values; their messages are fixed text plus lengths.
         let msg = Error::Unwrap.to_string();
         assert!(msg.contains("unwrap failed"));
-        let msg = Error::KeyLength {
-            expected: 64,
-            actual: 3,
-        }
-        .to_string();
+        let msg = Error::KeyLength { expected: 64, actual: 3 }.to_string();
         assert!(msg.contains("64") && msg.contains('3'));
     }
 }

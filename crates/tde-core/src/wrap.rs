@@ -28,11 +28,7 @@ pub const WRAPPED_TABLE_KEY_LEN: usize = NONCE_LEN + TABLE_KEY_LEN + TAG_LEN;
 pub const WRAPPED_WRAP_KEY_LEN: usize = NONCE_LEN + WRAP_KEY_LEN + TAG_LEN;
 
 /// Wraps a table key under a key-encryption key, binding it to `aad`.
-pub fn wrap_table_key(
-    kek: &WrapKey,
-    tek: &TableKey,
-    aad: &[u8],
-) -> Result<[u8; WRAPPED_TABLE_KEY_LEN], Error> {
+pub fn wrap_table_key(kek: &WrapKey, tek: &TableKey, aad: &[u8]) -> Result<[u8; WRAPPED_TABLE_KEY_LEN], Error> {
     let mut blob = [0u8; WRAPPED_TABLE_KEY_LEN];
     wrap_into(kek, tek.expose(), aad, &mut blob)?;
     Ok(blob)
@@ -48,11 +44,7 @@ pub fn unwrap_table_key(kek: &WrapKey, blob: &[u8], aad: &[u8]) -> Result<TableK
 }
 
 /// Wraps a 32-byte key (a key-encryption key) under a master key, binding it to `aad`.
-pub fn wrap_wrap_key(
-    mek: &WrapKey,
-    k: &WrapKey,
-    aad: &[u8],
-) -> Result<[u8; WRAPPED_WRAP_KEY_LEN], Error> {
+pub fn wrap_wrap_key(mek: &WrapKey, k: &WrapKey, aad: &[u8]) -> Result<[u8; WRAPPED_WRAP_KEY_LEN], Error> {
     let mut blob = [0u8; WRAPPED_WRAP_KEY_LEN];
     wrap_into(mek, k.expose(), aad, &mut blob)?;
     Ok(blob)
@@ -85,10 +77,7 @@ fn wrap_into(key: &WrapKey, plain: &[u8], aad: &[u8], blob: &mut [u8]) -> Result
 fn unwrap_into(key: &WrapKey, blob: &[u8], aad: &[u8], plain: &mut [u8]) -> Result<(), Error> {
     let expected = NONCE_LEN + plain.len() + TAG_LEN;
     if blob.len() != expected {
-        return Err(Error::WrappedKeyLength {
-            expected,
-            actual: blob.len(),
-        });
+        return Err(Error::WrappedKeyLength { expected, actual: blob.len() });
     }
     let (nonce, rest) = blob.split_at(NONCE_LEN);
     let (body, tag) = rest.split_at(plain.len());
@@ -102,17 +91,10 @@ fn unwrap_into(key: &WrapKey, blob: &[u8], aad: &[u8], plain: &mut [u8]) -> Resu
 
 /// The AES-256-GCM primitive: encrypts `buf` in place and returns the tag. Private so that
 /// callers cannot choose nonces; tests drive it with the published vectors' fixed nonces.
-fn gcm_seal(
-    key: &[u8; 32],
-    nonce: &[u8; NONCE_LEN],
-    aad: &[u8],
-    buf: &mut [u8],
-) -> Result<[u8; TAG_LEN], Error> {
+fn gcm_seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN], Error> {
     let cipher = Aes256Gcm::new_from_slice(key).map_err(|_| Error::Wrap)?;
     let nonce = Nonce::<Aes256Gcm>::from(*nonce);
-    let tag = cipher
-        .encrypt_inout_detached(&nonce, aad, buf.into())
-        .map_err(|_| Error::Wrap)?;
+    let tag = cipher.encrypt_inout_detached(&nonce, aad, buf.into()).map_err(|_| Error::Wrap)?;
     Ok(tag.into())
 }
 
@@ -142,22 +124,11 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         assert!(s.len().is_multiple_of(2));
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     /// One AES-256-GCM known-answer test: (name, key, iv, plaintext, aad, ciphertext, tag).
-    type GcmVector = (
-        &'static str,
-        &'static str,
-        &'static str,
-        &'static str,
-        &'static str,
-        &'static str,
-        &'static str,
-    );
+    type GcmVector = (&'static str, &'static str, &'static str, &'static str, &'static str, &'static str, &'static str);
 
     const K15: &str = "feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308";
     const IV15: &str = "cafebabefacedbaddecaf888";
@@ -230,10 +201,7 @@ mod tests {
         let mut tag: [u8; 16] = hex(t).try_into().unwrap();
         tag[0] ^= 1;
         let mut buf = hex(c);
-        assert_eq!(
-            gcm_open(&key, &nonce, &hex(a), &mut buf, &tag),
-            Err(Error::Unwrap)
-        );
+        assert_eq!(gcm_open(&key, &nonce, &hex(a), &mut buf, &tag), Err(Error::Unwrap));
         assert_ne!(buf, hex(p));
         assert!(buf.iter().all(|&b| b == 0));
     }
@@ -281,27 +249,14 @@ mod tests {
         for i in 0..blob.len() {
             let mut bad = blob;
             bad[i] ^= 0x01;
-            assert_eq!(
-                unwrap_table_key(&kek, &bad, AAD).err(),
-                Some(Error::Unwrap),
-                "flip at byte {i}"
-            );
+            assert_eq!(unwrap_table_key(&kek, &bad, AAD).err(), Some(Error::Unwrap), "flip at byte {i}");
         }
         // Wrong associated data.
-        assert_eq!(
-            unwrap_table_key(&kek, &blob, b"tde:table-key:db=5:rel=16385:v=1").err(),
-            Some(Error::Unwrap)
-        );
-        assert_eq!(
-            unwrap_table_key(&kek, &blob, b"").err(),
-            Some(Error::Unwrap)
-        );
+        assert_eq!(unwrap_table_key(&kek, &blob, b"tde:table-key:db=5:rel=16385:v=1").err(), Some(Error::Unwrap));
+        assert_eq!(unwrap_table_key(&kek, &blob, b"").err(), Some(Error::Unwrap));
         // Wrong key.
         let other = WrapKey::generate().unwrap();
-        assert_eq!(
-            unwrap_table_key(&other, &blob, AAD).err(),
-            Some(Error::Unwrap)
-        );
+        assert_eq!(unwrap_table_key(&other, &blob, AAD).err(), Some(Error::Unwrap));
     }
 
     #[test]
@@ -309,14 +264,8 @@ mod tests {
         let mek = WrapKey::generate().unwrap();
         let k = WrapKey::generate().unwrap();
         let mut blob = wrap_wrap_key(&mek, &k, AAD).unwrap();
-        assert_eq!(
-            unwrap_wrap_key(&mek, &blob, b"other").err(),
-            Some(Error::Unwrap)
-        );
-        assert_eq!(
-            unwrap_wrap_key(&WrapKey::generate().unwrap(), &blob, AAD).err(),
-            Some(Error::Unwrap)
-        );
+        assert_eq!(unwrap_wrap_key(&mek, &blob, b"other").err(), Some(Error::Unwrap));
+        assert_eq!(unwrap_wrap_key(&WrapKey::generate().unwrap(), &blob, AAD).err(), Some(Error::Unwrap));
         blob[NONCE_LEN + 3] ^= 0x80;
         assert_eq!(unwrap_wrap_key(&mek, &blob, AAD).err(), Some(Error::Unwrap));
     }
@@ -328,10 +277,7 @@ mod tests {
         let blob = wrap_table_key(&kek, &tek, AAD).unwrap();
         assert_eq!(
             unwrap_table_key(&kek, &blob[..91], AAD).err(),
-            Some(Error::WrappedKeyLength {
-                expected: 92,
-                actual: 91
-            })
+            Some(Error::WrappedKeyLength { expected: 92, actual: 91 })
         );
         // A table-key blob is not a wrap-key blob.
         assert!(unwrap_wrap_key(&kek, &blob, AAD).is_err());

@@ -39,11 +39,9 @@ impl PageCipher {
     pub fn new(key: &TableKey) -> Result<PageCipher, Error> {
         let cipher = Cipher::aes_256_xts();
         let mut enc = CipherCtx::new().map_err(|_| Error::Cipher)?;
-        enc.encrypt_init(Some(cipher), Some(key.expose()), None)
-            .map_err(|_| Error::Cipher)?;
+        enc.encrypt_init(Some(cipher), Some(key.expose()), None).map_err(|_| Error::Cipher)?;
         let mut dec = CipherCtx::new().map_err(|_| Error::Cipher)?;
-        dec.decrypt_init(Some(cipher), Some(key.expose()), None)
-            .map_err(|_| Error::Cipher)?;
+        dec.decrypt_init(Some(cipher), Some(key.expose()), None).map_err(|_| Error::Cipher)?;
         Ok(PageCipher { enc, dec })
     }
 
@@ -55,32 +53,20 @@ impl PageCipher {
     /// contents of `data` are unspecified and must not be stored.
     pub fn encrypt(&mut self, tweak: &[u8; BLOCK_LEN], data: &mut [u8]) -> Result<(), Error> {
         check_len(data)?;
-        self.enc
-            .encrypt_init(None, None, Some(tweak))
-            .map_err(|_| Error::Cipher)?;
+        self.enc.encrypt_init(None, None, Some(tweak)).map_err(|_| Error::Cipher)?;
         run(&mut self.enc, data)
     }
 
     /// Encrypts `src` into `dst` (same length, same conditions as [`PageCipher::encrypt`]).
     /// Out of place, so a caller that needs a copy anyway (the page write path) saves a
     /// pass over the data.
-    pub fn encrypt_into(
-        &mut self,
-        tweak: &[u8; BLOCK_LEN],
-        src: &[u8],
-        dst: &mut [u8],
-    ) -> Result<(), Error> {
+    pub fn encrypt_into(&mut self, tweak: &[u8; BLOCK_LEN], src: &[u8], dst: &mut [u8]) -> Result<(), Error> {
         check_len(src)?;
         if dst.len() != src.len() {
             return Err(Error::DataLength { len: dst.len() });
         }
-        self.enc
-            .encrypt_init(None, None, Some(tweak))
-            .map_err(|_| Error::Cipher)?;
-        let out = self
-            .enc
-            .cipher_update(src, Some(dst))
-            .map_err(|_| Error::Cipher)?;
+        self.enc.encrypt_init(None, None, Some(tweak)).map_err(|_| Error::Cipher)?;
+        let out = self.enc.cipher_update(src, Some(dst)).map_err(|_| Error::Cipher)?;
         if out != src.len() {
             return Err(Error::Cipher);
         }
@@ -90,9 +76,7 @@ impl PageCipher {
     /// Decrypts `data` in place; the inverse of [`PageCipher::encrypt`], same conditions.
     pub fn decrypt(&mut self, tweak: &[u8; BLOCK_LEN], data: &mut [u8]) -> Result<(), Error> {
         check_len(data)?;
-        self.dec
-            .decrypt_init(None, None, Some(tweak))
-            .map_err(|_| Error::Cipher)?;
+        self.dec.decrypt_init(None, None, Some(tweak)).map_err(|_| Error::Cipher)?;
         run(&mut self.dec, data)
     }
 }
@@ -110,9 +94,7 @@ fn check_len(data: &[u8]) -> Result<(), Error> {
 /// cannot fire.
 fn run(ctx: &mut CipherCtx, data: &mut [u8]) -> Result<(), Error> {
     let len = data.len();
-    let out = ctx
-        .cipher_update_inplace(data, len)
-        .map_err(|_| Error::Cipher)?;
+    let out = ctx.cipher_update_inplace(data, len).map_err(|_| Error::Cipher)?;
     if out != len {
         return Err(Error::Cipher);
     }
@@ -124,10 +106,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     /// IEEE Std 1619-2007, Annex B, XTS-AES-256 test vectors 10–14 (also in IEEE P1619
@@ -192,10 +171,7 @@ mod tests {
         let key = TableKey::generate().unwrap();
         let mut ours = PageCipher::new(&key).unwrap();
         let (k1, k2) = key.expose().split_at(32);
-        let reference = xts_mode::Xts128::new(
-            Aes256::new_from_slice(k1).unwrap(),
-            Aes256::new_from_slice(k2).unwrap(),
-        );
+        let reference = xts_mode::Xts128::new(Aes256::new_from_slice(k1).unwrap(), Aes256::new_from_slice(k2).unwrap());
         let tweak = [0x5au8; 16];
         for blocks in (1..=100).chain([511, 512]) {
             let plain: Vec<u8> = (0..blocks * 16).map(|i| (i * 7 + blocks) as u8).collect();
@@ -225,14 +201,8 @@ mod tests {
         let mut c = PageCipher::new(&TableKey::generate().unwrap()).unwrap();
         for len in [0usize, 1, 15, 17, 8191] {
             let mut buf = vec![0xabu8; len];
-            assert_eq!(
-                c.encrypt(&[0u8; 16], &mut buf),
-                Err(Error::DataLength { len })
-            );
-            assert_eq!(
-                c.decrypt(&[0u8; 16], &mut buf),
-                Err(Error::DataLength { len })
-            );
+            assert_eq!(c.encrypt(&[0u8; 16], &mut buf), Err(Error::DataLength { len }));
+            assert_eq!(c.decrypt(&[0u8; 16], &mut buf), Err(Error::DataLength { len }));
             assert!(buf.iter().all(|&b| b == 0xab));
         }
         let mut big = vec![0u8; MAX_DATA_UNIT_LEN + BLOCK_LEN];
