@@ -2,7 +2,8 @@
 //!
 //! Where to look:
 //! - `_PG_init` below: refuses to load unless preloaded, then starts each module.
-//! - `sql/`: the SQL-facing functions, a thin layer over the rest.
+//! - `src/sql/`: the SQL-facing functions, a thin layer over the rest (views
+//!   and grants are plain SQL in the top-level `sql/`).
 //! - `crates/tde-core`: ciphers, key wrapping and formats, free of PostgreSQL.
 //!
 //! The library must be in `shared_preload_libraries`: it registers a storage

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compares our AES-256-XTS page cipher with OpenSSL's own speed test.
 #
-# Why this exists: DESIGN.md asks for the page cipher to be chosen by benchmark and the
+# Why this exists: the page cipher is chosen by benchmark (docs/benchmarks.md), and the
 # target is at least 0.9x the throughput of `openssl speed -evp aes-256-xts -bytes 8192`.
 # This runs that command and `cargo bench -p tde-core --bench page_cipher`, then prints
 # microseconds per 8 KiB page for each and the ratio (our throughput / OpenSSL's).

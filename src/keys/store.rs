@@ -3,7 +3,7 @@
 //! Every change follows one path, under the key table's exclusive lock:
 //!
 //! 1. read the key store file and apply the change in memory (validation);
-//! 2. WAL-log the change through the tde resource manager (wal/rmgr.rs);
+//! 2. WAL-log the change through the tde resource manager (src/wal/mod.rs);
 //! 3. replace the file atomically (tmp, fsync, rename, fsync dir);
 //! 4. update the shared key table.
 //!

@@ -1,7 +1,7 @@
 //! SQL-facing functions: a thin `#[pg_extern]` layer over plain Rust.
 //! Each function converts arguments, calls into the module that does the
 //! work, and turns errors into ereports with a SQLSTATE (error.rs).
-//! Grants: sql/tde--finalize.sql revokes all of these from PUBLIC.
+//! Grants: sql/tde_objects.sql (loaded last, "finalize") revokes all of these from PUBLIC.
 
 use pgrx::prelude::*;
 use pgrx::JsonB;

@@ -7,7 +7,8 @@
 //!
 //! Resource manager id 163 (`TDE_RMGR_ID`): custom ids are 128..=255, 128 is
 //! for experiments, and PostgreSQL's wiki page CustomWALResourceManagers lists
-//! 129..=140 and 241 as taken (140 is Percona's pg_tde).  See docs/wal.md.
+//! 129..=140 and 241 as taken (140 is Percona's pg_tde).  docs/wal.md has the
+//! record format and the id's registration.
 //!
 //! Record payload: the `Change` as JSON.  It holds wrapped keys only (AES-GCM
 //! under the KEK or the master key), never key material in plain form.

@@ -1,7 +1,7 @@
 //! Page cipher benchmark: time per 8 KiB page for the chosen XTS implementation and for
 //! the candidates it was chosen over.
 //!
-//! Why this exists: DESIGN.md asks for the XTS implementation to be chosen by benchmark,
+//! Why this exists: the XTS implementation is chosen by benchmark (docs/benchmarks.md),
 //! against OpenSSL's own `openssl speed -evp aes-256-xts -bytes 8192`. `bench-xts.sh` runs
 //! this together with the OpenSSL CLI and prints the comparison table.
 //!
