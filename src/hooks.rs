@@ -32,11 +32,6 @@ static mut PREV_CREATE_STORAGE: pg_sys::RelationCreateStorage_hook_type = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
-extern "C-unwind" {
-    // commands/sequence.h: rewrites a sequence into a new file.
-    fn SequenceChangePersistence(relid: pg_sys::Oid, newrelpersistence: c_char);
-}
-
 pub fn init() {
     // SAFETY: installing hooks from _PG_init, saving the previous ones to chain.
     unsafe {
@@ -139,6 +134,58 @@ fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     }
 }
 
+/// Whether a new table is make_new_heap's transient copy for rewriting an
+/// existing table in place (VACUUM FULL, CLUSTER, ALTER TABLE rewrites,
+/// REFRESH MATERIALIZED VIEW) with the access method it already has: named
+/// `pg_temp_<OID of the old table>`, with the old table locked by this
+/// transaction and using the same access method.  A name alone proves
+/// nothing: anyone may call a table `pg_temp_x`.
+fn is_rewrite_transient(name: &str, relam: pg_sys::Oid) -> bool {
+    let Some(old) = name.strip_prefix("pg_temp_").and_then(|n| n.parse::<u32>().ok()) else {
+        return false;
+    };
+    let old = pg_sys::Oid::from(old);
+    // SAFETY: a lookup in this backend's local lock table.
+    let locked = unsafe { pg_sys::CheckRelationOidLockedByMe(old, pg_sys::ExclusiveLock as _, true) };
+    locked && crate::am::access_method_of(old) == Some(relam)
+}
+
+/// ALTER TABLE ... SET ACCESS METHOD to anything but tde_heap, while
+/// tde.enforce_encryption is on, would decrypt the table (or, on a
+/// partitioned table, make its future partitions plain): refused up front.
+unsafe fn refuse_decrypting_set_access_method(stmt: *mut pg_sys::AlterTableStmt) {
+    if !gucs::ENFORCE_ENCRYPTION.get() {
+        return;
+    }
+    // SAFETY (caller): stmt is a valid AlterTableStmt; its cmds are AlterTableCmd nodes.
+    let cmds = unsafe { PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds) };
+    for cmd in cmds.iter_ptr() {
+        // SAFETY: a list cell of an AlterTableStmt.
+        let (subtype, name) = unsafe { ((*cmd).subtype, (*cmd).name) };
+        if subtype != pg_sys::AlterTableType::AT_SetAccessMethod {
+            continue;
+        }
+        // NULL means SET ACCESS METHOD DEFAULT.
+        let target = if name.is_null() {
+            // SAFETY: the GUC's current value, a NUL-terminated string.
+            unsafe { CStr::from_ptr(pg_sys::default_table_access_method) }.to_string_lossy().into_owned()
+        } else {
+            // SAFETY: a NUL-terminated identifier from the parser.
+            unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+        };
+        if target != "tde_heap" {
+            crate::error::report(
+                PgLogLevel::ERROR,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "tde: tde.enforce_encryption is on: SET ACCESS METHOD {target} would store the table unencrypted"
+                ),
+                Some("A superuser can turn tde.enforce_encryption off for this session first."),
+            );
+        }
+    }
+}
+
 unsafe fn post_create_relation(relid: pg_sys::Oid) {
     // SAFETY: the relcache knows relations created by the current command.
     let rel = unsafe { pg_sys::RelationIdGetRelation(relid) };
@@ -165,10 +212,12 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
     let user_table = relkind == pg_sys::RELKIND_RELATION || relkind == pg_sys::RELKIND_MATVIEW;
     // SAFETY: plain catalog predicates on an OID.
     let system = unsafe { pg_sys::IsCatalogNamespace(namespace) || pg_sys::IsToastNamespace(namespace) };
-    // make_new_heap's transient table for a rewrite keeps the old table's
-    // access method; it is not a new user table.
-    let transient = name.starts_with("pg_temp_");
-    if gucs::ENFORCE_ENCRYPTION.get() && user_table && !system && !transient && Some(relam) != tde_heap_oid() {
+    if gucs::ENFORCE_ENCRYPTION.get()
+        && user_table
+        && !system
+        && Some(relam) != tde_heap_oid()
+        && !is_rewrite_transient(&name, relam)
+    {
         crate::error::report(
             PgLogLevel::ERROR,
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -213,7 +262,7 @@ fn sync_sequence(seqid: pg_sys::Oid) {
     if uses_tde_heap(owner) != keys::is_encrypted(&locator, temp) {
         // SAFETY: rewrites the sequence into a new relfilenumber with the
         // same persistence; create_storage decides the new file's key.
-        unsafe { SequenceChangePersistence(seqid, persistence) };
+        unsafe { crate::pg::SequenceChangePersistence(seqid, persistence) };
     }
 }
 
@@ -287,6 +336,10 @@ unsafe extern "C-unwind" fn utility(
     let node = unsafe { (*pstmt).utilityStmt };
     let tag = unsafe { (*node).type_ };
 
+    if tag == pg_sys::NodeTag::T_AlterTableStmt {
+        // SAFETY: node is an AlterTableStmt.
+        unsafe { refuse_decrypting_set_access_method(node as *mut pg_sys::AlterTableStmt) };
+    }
     if tag == pg_sys::NodeTag::T_AlterDatabaseStmt {
         // SAFETY: node is an AlterDatabaseStmt.
         unsafe { refuse_moving_encrypted_database(node as *mut pg_sys::AlterDatabaseStmt) };
@@ -299,11 +352,14 @@ unsafe extern "C-unwind" fn utility(
         None
     };
 
-    // SAFETY: the standard hook chain with our own arguments.
+    // SAFETY: the standard hook chain with our own arguments.  Both calls
+    // are unguarded (src/pg/): an ERROR of the statement propagates untouched,
+    // with its position, CONTEXT and QUERY, and nothing of ours with a
+    // destructor is alive here.
     unsafe {
         match PREV_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(
+            None => crate::pg::standard_ProcessUtility(
                 pstmt,
                 query_string,
                 read_only_tree,

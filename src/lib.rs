@@ -17,6 +17,7 @@ mod error;
 mod gucs;
 mod hooks;
 mod keys;
+mod pg;
 mod smgr;
 mod sql;
 mod wal;
@@ -69,6 +70,8 @@ unsafe extern "C-unwind" fn shmem_startup() {
     if let Some(prev) = unsafe { PREV_SHMEM_STARTUP } {
         unsafe { prev() };
     }
+    // Every preloaded library has run its _PG_init by now.
+    smgr::check_still_selected();
     // The postmaster creates the table and loads the key store into it (also
     // after a crash restart); children inherit it.
     if keys::shmem::attach(gucs::max_relation_keys()) {

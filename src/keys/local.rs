@@ -33,10 +33,11 @@ enum Entry {
     Unavailable,
 }
 
-/// The answer for one relation file.
-pub enum Lookup<'a> {
+/// What a relation file is, as `with_cipher` found it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
     Plain,
-    Cipher(&'a mut PageCipher),
+    Encrypted,
     /// Encrypted, but this server cannot use the key right now.
     Unavailable,
 }
@@ -66,29 +67,39 @@ fn load(file: &FileId) -> Entry {
     }
 }
 
-/// Calls `f` with the cipher of `file` (a temp relation's if `temp`).
-pub fn with_cipher<R>(file: &FileId, temp: bool, f: impl FnOnce(Lookup<'_>) -> R) -> R {
+/// Calls `f` with the cipher of `file` (a temp relation's if `temp`) if the
+/// file is encrypted and its key usable, and says what the file is.
+///
+/// The cache is borrowed while `f` runs: `f` must not call into PostgreSQL
+/// code that can raise an ERROR by longjmp (an ERROR raised from Rust, which
+/// unwinds, is fine).  The storage manager calls md.c only after this returns.
+pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut PageCipher)) -> Kind {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if temp {
             return match c.temp.get_mut(file) {
-                Some(cipher) => f(Lookup::Cipher(cipher)),
-                None => f(Lookup::Plain),
+                Some(cipher) => {
+                    f(cipher);
+                    Kind::Encrypted
+                }
+                None => Kind::Plain,
             };
         }
         if !shmem::is_attached() {
-            return f(Lookup::Plain);
+            return Kind::Plain;
         }
         let generation = shmem::generation();
         if generation != c.generation {
             c.shared.clear();
             c.generation = generation;
         }
-        let entry = c.shared.get_or_insert_mut(*file, || load(file));
-        match entry {
-            Entry::Plain => f(Lookup::Plain),
-            Entry::Cipher(cipher) => f(Lookup::Cipher(cipher)),
-            Entry::Unavailable => f(Lookup::Unavailable),
+        match c.shared.get_or_insert_mut(*file, || load(file)) {
+            Entry::Plain => Kind::Plain,
+            Entry::Cipher(cipher) => {
+                f(cipher);
+                Kind::Encrypted
+            }
+            Entry::Unavailable => Kind::Unavailable,
         }
     })
 }

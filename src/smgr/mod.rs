@@ -14,84 +14,53 @@
 //! bounce buffer is allocated once per process; the page path allocates
 //! nothing.  All-zero pages (file extension) pass through unchanged.
 //!
+//! Fail closed: an encrypted page is marked on disk (tde-core's `page`
+//! module), so a page read from a file that has no key, but carries the mark,
+//! is an error naming the file, never garbage handed to the executor.
+//!
+//! md.c may raise an ERROR (ENOSPC, EIO).  It is called with no borrow, lock
+//! or destructor-bearing value alive in these frames, so the ERROR reaches
+//! PostgreSQL untouched and nothing of ours is left half-borrowed (src/pg/).
+//!
 //! The page format itself (which bytes are encrypted, the tweak, data
 //! checksums) is in `page.rs`.
 
 mod page;
 
 use std::cell::RefCell;
-use std::ffi::{c_int, c_void};
+use std::ffi::c_void;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use tde_core::keystore::FileId;
 use tde_core::page::PAGE_SIZE;
 
-use crate::keys::{self, local::Lookup};
+use crate::keys::{self, local::Kind};
+use crate::pg::{self, BlockNumber, ForkNumber, SMgrRelation};
 
-type BlockNumber = pg_sys::BlockNumber;
-type ForkNumber = pg_sys::ForkNumber::Type;
-type SMgrRelation = pg_sys::SMgrRelation;
-
-// md.c's entry points (storage/md.h, exported by the server binary).
-extern "C-unwind" {
-    fn mdinit();
-    fn mdopen(reln: SMgrRelation);
-    fn mdclose(reln: SMgrRelation, forknum: ForkNumber);
-    fn mdcreate(reln: SMgrRelation, forknum: ForkNumber, is_redo: bool);
-    fn mdexists(reln: SMgrRelation, forknum: ForkNumber) -> bool;
-    fn mdunlink(rlocator: pg_sys::RelFileLocatorBackend, forknum: ForkNumber, is_redo: bool);
-    fn mdextend(
-        reln: SMgrRelation,
-        forknum: ForkNumber,
-        blocknum: BlockNumber,
-        buffer: *const c_void,
-        skip_fsync: bool,
-    );
-    fn mdzeroextend(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, nblocks: c_int, skip_fsync: bool);
-    fn mdprefetch(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, nblocks: c_int) -> bool;
-    fn mdreadv(
-        reln: SMgrRelation,
-        forknum: ForkNumber,
-        blocknum: BlockNumber,
-        buffers: *mut *mut c_void,
-        nblocks: BlockNumber,
-    );
-    fn mdwritev(
-        reln: SMgrRelation,
-        forknum: ForkNumber,
-        blocknum: BlockNumber,
-        buffers: *mut *const c_void,
-        nblocks: BlockNumber,
-        skip_fsync: bool,
-    );
-    fn mdwriteback(reln: SMgrRelation, forknum: ForkNumber, blocknum: BlockNumber, nblocks: BlockNumber);
-    fn mdnblocks(reln: SMgrRelation, forknum: ForkNumber) -> BlockNumber;
-    fn mdtruncate(reln: SMgrRelation, forknum: ForkNumber, old_blocks: BlockNumber, nblocks: BlockNumber);
-    fn mdimmedsync(reln: SMgrRelation, forknum: ForkNumber);
-    fn mdregistersync(reln: SMgrRelation, forknum: ForkNumber);
-}
-
-/// Our table: md.c everywhere, except where page contents move.
+/// Our table: md.c everywhere, except where page contents move.  md.c is
+/// entry 0 of the table, so smgrinit() already runs mdinit(); ours has none.
 static TDE_SMGR: pg_sys::f_smgr = pg_sys::f_smgr {
-    smgr_init: Some(mdinit),
+    smgr_init: None,
     smgr_shutdown: None,
-    smgr_open: Some(mdopen),
-    smgr_close: Some(mdclose),
-    smgr_create: Some(mdcreate),
-    smgr_exists: Some(mdexists),
+    smgr_open: Some(pg::mdopen),
+    smgr_close: Some(pg::mdclose),
+    smgr_create: Some(pg::mdcreate),
+    smgr_exists: Some(pg::mdexists),
     smgr_unlink: Some(tde_unlink),
     smgr_extend: Some(tde_extend),
-    smgr_zeroextend: Some(mdzeroextend),
-    smgr_prefetch: Some(mdprefetch),
+    smgr_zeroextend: Some(pg::mdzeroextend),
+    smgr_prefetch: Some(pg::mdprefetch),
     smgr_readv: Some(tde_readv),
     smgr_writev: Some(tde_writev),
-    smgr_writeback: Some(mdwriteback),
-    smgr_nblocks: Some(mdnblocks),
-    smgr_truncate: Some(mdtruncate),
-    smgr_immedsync: Some(mdimmedsync),
-    smgr_registersync: Some(mdregistersync),
+    smgr_writeback: Some(pg::mdwriteback),
+    smgr_nblocks: Some(pg::mdnblocks),
+    smgr_truncate: Some(pg::mdtruncate),
+    smgr_immedsync: Some(pg::mdimmedsync),
+    smgr_registersync: Some(pg::mdregistersync),
 };
+
+static mut TDE_SMGR_ID: pg_sys::SMgrId = 0;
 
 /// Registers the storage manager and makes it the one every relation uses.
 pub fn init() {
@@ -100,6 +69,23 @@ pub fn init() {
     unsafe {
         let id = pg_sys::smgr_register(&TDE_SMGR);
         pg_sys::storage_manager_id = id;
+        TDE_SMGR_ID = id;
+    }
+}
+
+/// Refuses to run when another library, loaded after tde, has made its own
+/// storage manager the default: relations would then bypass encryption.
+/// Called once every library has been loaded (shmem_startup_hook).
+pub fn check_still_selected() {
+    // SAFETY: plain reads of globals written only during library loading.
+    let (current, ours) = unsafe { (pg_sys::storage_manager_id, TDE_SMGR_ID) };
+    if current != ours {
+        crate::error::report(
+            PgLogLevel::FATAL,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("tde: another library replaced tde's storage manager (storage_manager_id is {current}, tde registered {ours})"),
+            Some("Encrypted relations would be written in plaintext. Remove the other storage manager from shared_preload_libraries."),
+        );
     }
 }
 
@@ -112,19 +98,36 @@ struct AlignedPage([u8; PAGE_SIZE]);
 
 thread_local! {
     /// Private pages that encrypted data is written from (aligned for
-    /// direct I/O).  Allocated on first use, kept for the process's life.
+    /// direct I/O).  Allocated on first use and never reallocated, so
+    /// pointers into it stay valid after the borrow ends.
     static BOUNCE: RefCell<Vec<AlignedPage>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with this process's bounce pages, allocating them on first use.
-fn with_bounce<R>(f: impl FnOnce(&mut [AlignedPage]) -> R) -> R {
-    BOUNCE.with(|b| {
+/// Encrypts `srcs` (at most BOUNCE_PAGES pages, blocks `first`...) into the
+/// bounce buffer.  Returns what the file is and, if encrypted, pointers to
+/// the encrypted pages.  No borrow outlives this call.
+fn encrypt_into_bounce(
+    t: &Target,
+    fork: ForkNumber,
+    first: BlockNumber,
+    srcs: &[*const c_void],
+) -> (Kind, [*const c_void; BOUNCE_PAGES]) {
+    let mut ptrs = [std::ptr::null::<c_void>(); BOUNCE_PAGES];
+    let kind = BOUNCE.with(|b| {
         let mut bounce = b.borrow_mut();
         if bounce.is_empty() {
             bounce.resize(BOUNCE_PAGES, AlignedPage([0; PAGE_SIZE]));
         }
-        f(&mut bounce)
-    })
+        keys::local::with_cipher(&t.file, t.temp, |cipher| {
+            for (i, src) in srcs.iter().enumerate() {
+                // SAFETY: smgr.c passes readable pages of BLCKSZ bytes.
+                let src = unsafe { &*(*src as *const [u8; PAGE_SIZE]) };
+                page::encrypt(cipher, t.file.rel, fork, first + i as u32, src, &mut bounce[i].0);
+                ptrs[i] = bounce[i].0.as_ptr() as *const c_void;
+            }
+        })
+    });
+    (kind, ptrs)
 }
 
 struct Target {
@@ -139,16 +142,25 @@ unsafe fn target(reln: SMgrRelation) -> Target {
 }
 
 fn unavailable(t: &Target, fork: ForkNumber, action: &str) -> ! {
-    let (_, why) = keys::shmem::state();
-    let why = if why.is_empty() { "the key could not be unwrapped".to_string() } else { why };
+    let why = keys::unavailable_reason();
     crate::error::report(
         PgLogLevel::ERROR,
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-        format!(
-            "tde: cannot {action} encrypted relation file {}/{}/{} (fork {fork}): its key is unavailable: {why}",
-            t.file.spc, t.file.db, t.file.rel
-        ),
+        format!("tde: cannot {action} encrypted relation file {} (fork {fork}): its key is unavailable: {why}", t.file),
         Some("Make the master key available and restart the server. Nothing was written."),
+    );
+    unreachable!()
+}
+
+fn marked_without_key(t: &Target, fork: ForkNumber, block: BlockNumber) -> ! {
+    crate::error::report(
+        PgLogLevel::ERROR,
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        format!(
+            "tde: block {block} of relation file {} (fork {fork}) is encrypted on disk, but the key store has no key for this file",
+            t.file
+        ),
+        Some("The key store does not match the data files (restored from another backup, or edited?). Restore the key store that belongs to this data directory."),
     );
     unreachable!()
 }
@@ -161,22 +173,42 @@ unsafe extern "C-unwind" fn tde_readv(
     buffers: *mut *mut c_void,
     nblocks: BlockNumber,
 ) {
-    // SAFETY: forwarding smgr.c's arguments unchanged.
-    unsafe { mdreadv(reln, forknum, blocknum, buffers, nblocks) };
+    // SAFETY: forwarding smgr.c's arguments unchanged; nothing of ours is
+    // alive yet, so an ERROR from md.c propagates untouched (src/pg/).
+    unsafe { pg::mdreadv(reln, forknum, blocknum, buffers, nblocks) };
     // SAFETY: reln is valid for the duration of the call.
     let t = unsafe { target(reln) };
-    keys::local::with_cipher(&t.file, t.temp, |lookup| match lookup {
-        Lookup::Plain => {}
-        Lookup::Unavailable => unavailable(&t, forknum, "read"),
-        Lookup::Cipher(cipher) => {
-            for i in 0..nblocks as usize {
-                // SAFETY: md.c filled nblocks buffers of BLCKSZ bytes each;
-                // they are the caller's private destination.
-                let page = unsafe { &mut *(*buffers.add(i) as *mut [u8; PAGE_SIZE]) };
-                page::decrypt(cipher, t.file.rel, forknum, blocknum + i as u32, page);
+    // SAFETY: md.c filled nblocks buffers of BLCKSZ bytes each; they are the
+    // caller's private destination.
+    let page_at = |i: usize| unsafe { &mut *(*buffers.add(i) as *mut [u8; PAGE_SIZE]) };
+    let kind = keys::local::with_cipher(&t.file, t.temp, |cipher| {
+        for i in 0..nblocks as usize {
+            let block = blocknum + i as u32;
+            if !page::decrypt(cipher, t.file.rel, forknum, block, page_at(i)) {
+                // Raised as a Rust panic: the borrow is released on the way out.
+                crate::error::report(
+                    PgLogLevel::ERROR,
+                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                    format!(
+                        "tde: block {block} of encrypted relation file {} (fork {forknum}) is not marked as encrypted on disk",
+                        t.file
+                    ),
+                    None,
+                );
             }
         }
-    })
+    });
+    match kind {
+        Kind::Encrypted => {}
+        Kind::Unavailable => unavailable(&t, forknum, "read"),
+        Kind::Plain => {
+            for i in 0..nblocks as usize {
+                if page::is_marked(page_at(i)) {
+                    marked_without_key(&t, forknum, blocknum + i as u32);
+                }
+            }
+        }
+    }
 }
 
 #[pg_guard]
@@ -190,29 +222,24 @@ unsafe extern "C-unwind" fn tde_writev(
 ) {
     // SAFETY: reln is valid for the duration of the call.
     let t = unsafe { target(reln) };
-    keys::local::with_cipher(&t.file, t.temp, |lookup| match lookup {
-        // SAFETY: forwarding smgr.c's arguments unchanged.
-        Lookup::Plain => unsafe { mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync) },
-        Lookup::Unavailable => unavailable(&t, forknum, "write"),
-        Lookup::Cipher(cipher) => with_bounce(|bounce| {
-            let mut ptrs = [std::ptr::null::<c_void>(); BOUNCE_PAGES];
-            let mut done = 0usize;
-            while done < nblocks as usize {
-                let n = (nblocks as usize - done).min(BOUNCE_PAGES);
-                for i in 0..n {
-                    let blk = blocknum + (done + i) as u32;
-                    // SAFETY: smgr.c passes nblocks readable pages of BLCKSZ.
-                    let src = unsafe { &*(*buffers.add(done + i) as *const [u8; PAGE_SIZE]) };
-                    page::encrypt(cipher, t.file.rel, forknum, blk, src, &mut bounce[i].0);
-                    ptrs[i] = bounce[i].0.as_ptr() as *const c_void;
-                }
-                // SAFETY: ptrs[..n] point at our bounce pages, alive until
-                // mdwritev returns.
-                unsafe { mdwritev(reln, forknum, blocknum + done as u32, ptrs.as_mut_ptr(), n as u32, skip_fsync) };
-                done += n;
-            }
-        }),
-    })
+    // SAFETY: smgr.c passes nblocks page pointers.
+    let srcs = unsafe { std::slice::from_raw_parts(buffers as *const *const c_void, nblocks as usize) };
+    let mut done = 0usize;
+    while done < srcs.len() {
+        let n = (srcs.len() - done).min(BOUNCE_PAGES);
+        let first = blocknum + done as u32;
+        let (kind, mut ptrs) = encrypt_into_bounce(&t, forknum, first, &srcs[done..done + n]);
+        match kind {
+            // SAFETY: forwarding smgr.c's arguments unchanged, with nothing of
+            // ours alive (src/pg/).
+            Kind::Plain => return unsafe { pg::mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync) },
+            Kind::Unavailable => unavailable(&t, forknum, "write"),
+            // SAFETY: ptrs[..n] point at our bounce pages, which stay valid
+            // and untouched until mdwritev returns; no borrow is held.
+            Kind::Encrypted => unsafe { pg::mdwritev(reln, forknum, first, ptrs.as_mut_ptr(), n as u32, skip_fsync) },
+        }
+        done += n;
+    }
 }
 
 #[pg_guard]
@@ -225,24 +252,20 @@ unsafe extern "C-unwind" fn tde_extend(
 ) {
     // SAFETY: reln is valid for the duration of the call.
     let t = unsafe { target(reln) };
-    keys::local::with_cipher(&t.file, t.temp, |lookup| match lookup {
-        // SAFETY: forwarding smgr.c's arguments unchanged.
-        Lookup::Plain => unsafe { mdextend(reln, forknum, blocknum, buffer, skip_fsync) },
-        Lookup::Unavailable => unavailable(&t, forknum, "extend"),
-        Lookup::Cipher(cipher) => with_bounce(|bounce| {
-            // SAFETY: smgr.c passes one readable page of BLCKSZ bytes.
-            let src = unsafe { &*(buffer as *const [u8; PAGE_SIZE]) };
-            page::encrypt(cipher, t.file.rel, forknum, blocknum, src, &mut bounce[0].0);
-            // SAFETY: our bounce page is alive until mdextend returns.
-            unsafe { mdextend(reln, forknum, blocknum, bounce[0].0.as_ptr() as *const c_void, skip_fsync) };
-        }),
-    })
+    let (kind, ptrs) = encrypt_into_bounce(&t, forknum, blocknum, &[buffer]);
+    match kind {
+        // SAFETY: forwarding smgr.c's arguments unchanged (src/pg/).
+        Kind::Plain => unsafe { pg::mdextend(reln, forknum, blocknum, buffer, skip_fsync) },
+        Kind::Unavailable => unavailable(&t, forknum, "extend"),
+        // SAFETY: our bounce page stays valid until mdextend returns.
+        Kind::Encrypted => unsafe { pg::mdextend(reln, forknum, blocknum, ptrs[0], skip_fsync) },
+    }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn tde_unlink(rlocator: pg_sys::RelFileLocatorBackend, forknum: ForkNumber, is_redo: bool) {
-    // SAFETY: forwarding smgr.c's arguments unchanged.
-    unsafe { mdunlink(rlocator, forknum, is_redo) };
+    // SAFETY: forwarding smgr.c's arguments unchanged (src/pg/).
+    unsafe { pg::mdunlink(rlocator, forknum, is_redo) };
     // smgrdounlinkall unlinks fork by fork, main first; InvalidForkNumber
     // means all forks.  Once the main fork is gone the key has no use.
     if forknum == pg_sys::ForkNumber::MAIN_FORKNUM || forknum == pg_sys::ForkNumber::InvalidForkNumber {

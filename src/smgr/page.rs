@@ -16,13 +16,10 @@
 use std::ffi::c_char;
 
 use pgrx::pg_sys;
-use tde_core::page::{decrypt_page, encrypt_page, PagePosition, PAGE_SIZE};
+use tde_core::page::{decrypt_page, encrypt_page, stored_kind, PagePosition, Stored, PAGE_SIZE};
 use tde_core::xts::PageCipher;
 
-extern "C-unwind" {
-    // storage/checksum.h
-    fn pg_checksum_page(page: *mut c_char, blkno: pg_sys::BlockNumber) -> u16;
-}
+use crate::pg::pg_checksum_page;
 
 const CHECKSUM_OFFSET: usize = 8;
 
@@ -89,13 +86,33 @@ pub fn encrypt(
     }
 }
 
-/// Decrypts `page` in place.
-pub fn decrypt(c: &mut PageCipher, rel: u32, fork: pg_sys::ForkNumber::Type, block: u32, page: &mut [u8; PAGE_SIZE]) {
+/// Whether a page read from disk carries tde's "encrypted" mark.
+pub fn is_marked(page: &[u8; PAGE_SIZE]) -> bool {
+    stored_kind(page) == Stored::Encrypted
+}
+
+/// Decrypts `page` in place.  Returns false, leaving the page as read, for a
+/// non-zero page that is not marked as encrypted: the caller refuses it.  A
+/// page whose stored checksum fails is handed on for PostgreSQL to report,
+/// marked or not.
+pub fn decrypt(
+    c: &mut PageCipher,
+    rel: u32,
+    fork: pg_sys::ForkNumber::Type,
+    block: u32,
+    page: &mut [u8; PAGE_SIZE],
+) -> bool {
     let with_checksum = checksums_enabled() && !is_new(page);
     let verified = !with_checksum || checksum(page, block) == stored_checksum(page);
-    let decrypted = decrypt_page(c, &position(rel, fork, block), page).unwrap_or_else(|_| cipher_failed("decryption"));
+    let decrypted = match decrypt_page(c, &position(rel, fork, block), page) {
+        Ok(d) => d,
+        // Unmarked: PostgreSQL reports the bad checksum, or the caller refuses it.
+        Err(tde_core::secret::Error::NotEncrypted) => return !verified,
+        Err(_) => cipher_failed("decryption"),
+    };
     if decrypted && with_checksum {
         let sum = checksum(page, block);
         set_checksum(page, if verified { sum } else { !sum });
     }
+    true
 }

@@ -47,7 +47,12 @@ pub fn init() {
 pub fn log_changes(changes: &[Change]) {
     let mut lsn = 0;
     for change in changes {
-        let payload = serde_json::to_vec(change).unwrap_or_default();
+        // Serialising plain data with string keys cannot fail; if it ever
+        // did, an empty record would lose the change, so stop instead.
+        let payload = match serde_json::to_vec(change) {
+            Ok(p) => p,
+            Err(e) => pgrx::error!("tde: could not encode a key store change for the WAL: {e}"),
+        };
         // SAFETY: the standard XLogBeginInsert/XLogRegisterData/XLogInsert
         // sequence; `payload` outlives XLogInsert, which copies it.
         lsn = unsafe {
@@ -66,8 +71,13 @@ pub fn log_changes(changes: &[Change]) {
 unsafe fn record_change(record: *mut pg_sys::XLogReaderState) -> Option<Change> {
     // SAFETY (caller): `record` is the decoded record PostgreSQL hands to
     // redo/desc; main_data holds main_data_len bytes.
-    let decoded = (*record).record;
-    let data = std::slice::from_raw_parts((*decoded).main_data as *const u8, (*decoded).main_data_len as usize);
+    let decoded = unsafe { (*record).record };
+    let (ptr, len) = unsafe { ((*decoded).main_data, (*decoded).main_data_len as usize) };
+    if ptr.is_null() || len == 0 {
+        return None; // from_raw_parts must not see NULL
+    }
+    // SAFETY: main_data holds main_data_len bytes, checked non-NULL above.
+    let data = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
     serde_json::from_slice(data).ok()
 }
 
@@ -87,8 +97,8 @@ unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::X
         Some(Change::Init { .. }) => "init".to_string(),
         Some(Change::AddProvider(p)) => format!("add provider \"{}\" kind {}", p.name, p.kind),
         Some(Change::SetPrincipal(p)) => format!("set master key \"{}\" of provider \"{}\"", p.key_name, p.provider),
-        Some(Change::AddKey(k)) => format!("add key {} for {}/{}/{}", k.key_id, k.file.spc, k.file.db, k.file.rel),
-        Some(Change::RemoveKey { file }) => format!("remove key of {}/{}/{}", file.spc, file.db, file.rel),
+        Some(Change::AddKey(k)) => format!("add key {} for {}", k.key_id, k.file),
+        Some(Change::RemoveKey { file }) => format!("remove key of {file}"),
         None => "malformed".to_string(),
     };
     let c = std::ffi::CString::new(text).unwrap_or_default();

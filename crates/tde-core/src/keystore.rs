@@ -47,6 +47,13 @@ pub struct FileId {
     pub rel: u32,
 }
 
+/// `spc/db/rel`, as PostgreSQL prints a relation file's location.
+impl std::fmt::Display for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.spc, self.db, self.rel)
+    }
+}
+
 /// A configured master-key provider.  Options never hold secrets (a path,
 /// an environment variable's name).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -7,6 +7,15 @@
 //! derived from the page's position and its LSN. All-zero pages, which PostgreSQL writes
 //! when it extends a relation, are stored as they are so they stay recognisable as new.
 //!
+//! Each encrypted page says so on disk: bit [`PD_TDE_ENCRYPTED`] of pd_flags, a bit that
+//! PostgreSQL never sets (it uses only `PD_VALID_FLAG_BITS` = 0x0007, and `PageIsVerified`
+//! rejects any other). `encrypt_page` sets it in the stored copy and `decrypt_page` clears
+//! it, so the buffer manager and everything above it see a normal page. A reader that
+//! finds the bit on a file it believes to be plain knows it is missing a key (an error,
+//! never garbage); a non-zero page without the bit in an encrypted file is refused too.
+//! [`PD_TDE_KEY_ALT`] is reserved for saying which of a file's two live key versions
+//! encrypted the page (online re-encryption).
+//!
 //! What the files leak by design: the plaintext header (LSN, checksum, flags, fill level),
 //! and whether a page is all zeros. Because XTS is deterministic, a page rewritten with the
 //! same (position, LSN) — e.g. a hint-bit-only change written without WAL — shows which
@@ -25,6 +34,48 @@ pub const PLAINTEXT_HEADER_LEN: usize = 16;
 pub const MAX_FORK: u8 = 3;
 /// LSNs below this bound are mapped injectively into the tweak (see [`page_tweak`]).
 pub const LSN_TWEAK_LIMIT: u64 = 1 << 62;
+/// Offset of pd_flags (a native-endian u16) in PageHeaderData: after pd_lsn (8 bytes) and
+/// pd_checksum (2 bytes).
+pub const PD_FLAGS_OFFSET: usize = 10;
+/// PostgreSQL's `PD_VALID_FLAG_BITS`: the only pd_flags bits a page in a buffer may have.
+pub const PD_VALID_FLAG_BITS: u16 = 0x0007;
+/// On disk only: the page is encrypted.
+pub const PD_TDE_ENCRYPTED: u16 = 0x8000;
+/// On disk only, reserved: the page is encrypted under the file's alternate key version.
+pub const PD_TDE_KEY_ALT: u16 = 0x4000;
+/// Every pd_flags bit tde uses on disk.
+pub const PD_TDE_BITS: u16 = PD_TDE_ENCRYPTED | PD_TDE_KEY_ALT;
+
+/// What a page read from disk is, judged by its plaintext header alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// All zeros: a freshly extended page, never encrypted.
+    Zero,
+    /// Not marked as encrypted.
+    Plain,
+    /// Marked as encrypted by [`encrypt_page`].
+    Encrypted,
+}
+
+fn pd_flags(page: &[u8; PAGE_SIZE]) -> u16 {
+    u16::from_ne_bytes([page[PD_FLAGS_OFFSET], page[PD_FLAGS_OFFSET + 1]])
+}
+
+fn set_pd_flags(page: &mut [u8; PAGE_SIZE], flags: u16) {
+    page[PD_FLAGS_OFFSET..PD_FLAGS_OFFSET + 2].copy_from_slice(&flags.to_ne_bytes());
+}
+
+/// Classifies a stored page (cheap: reads pd_flags, and scans for zeros only when the
+/// page is not marked).
+pub fn stored_kind(page: &[u8; PAGE_SIZE]) -> Stored {
+    if pd_flags(page) & PD_TDE_ENCRYPTED != 0 {
+        Stored::Encrypted
+    } else if is_all_zero(page) {
+        Stored::Zero
+    } else {
+        Stored::Plain
+    }
+}
 
 /// Where a page lives: the relation file number (not the OID of the relation, and on
 /// purpose not the tablespace or database), the fork, and the block number in the fork.
@@ -89,7 +140,8 @@ pub fn is_all_zero(page: &[u8; PAGE_SIZE]) -> bool {
 /// Encrypts one page from `src` into `dst` (a private bounce buffer; the caller's buffer
 /// in shared memory is never modified). The first [`PLAINTEXT_HEADER_LEN`] bytes are
 /// copied unchanged; the tweak uses `pos` and the LSN found in the header. All-zero pages
-/// are copied through unchanged. Returns whether it encrypted.
+/// are copied through unchanged. The stored copy is marked with [`PD_TDE_ENCRYPTED`].
+/// Returns whether it encrypted.
 ///
 /// On error `dst` is zeroed, so a caller that wrongly ignored the error still could not
 /// write the plaintext out.
@@ -112,18 +164,25 @@ pub fn encrypt_page(
         dst.zeroize();
         return Err(e);
     }
+    set_pd_flags(dst, (pd_flags(src) & !PD_TDE_BITS) | PD_TDE_ENCRYPTED);
     Ok(true)
 }
 
-/// Decrypts one page in place, reading the LSN from its plaintext header. All-zero pages
-/// pass through unchanged. Returns whether it decrypted. On error the page contents are
-/// unspecified and must not be used.
+/// Decrypts one page in place, reading the LSN from its plaintext header, and clears the
+/// on-disk marker bits. All-zero pages pass through unchanged. A non-zero page that is
+/// not marked as encrypted is refused with [`Error::NotEncrypted`] and left untouched.
+/// Returns whether it decrypted. On a cipher error the page contents are unspecified and
+/// must not be used.
 pub fn decrypt_page(c: &mut PageCipher, pos: &PagePosition, page: &mut [u8; PAGE_SIZE]) -> Result<bool, Error> {
-    if is_all_zero(page) {
-        return Ok(false);
+    match stored_kind(page) {
+        Stored::Zero => return Ok(false),
+        Stored::Plain => return Err(Error::NotEncrypted),
+        Stored::Encrypted => {}
     }
     let tweak = page_tweak(pos, page_lsn(page));
     c.decrypt(&tweak, &mut page[PLAINTEXT_HEADER_LEN..])?;
+    let flags = pd_flags(page) & !PD_TDE_BITS;
+    set_pd_flags(page, flags);
     Ok(true)
 }
 
@@ -148,6 +207,8 @@ mod tests {
             *b = (i * 31 % 251) as u8;
         }
         set_lsn(&mut p, lsn);
+        // A page as the buffer manager has it: only PD_VALID_FLAG_BITS in pd_flags.
+        set_pd_flags(&mut p, 0x0005);
         p
     }
 
@@ -204,7 +265,11 @@ mod tests {
         let src = sample_page(0x0000_0002_0000_0100);
         let mut dst = Box::new([0u8; PAGE_SIZE]);
         assert!(encrypt_page(&mut c, &POS, &src, &mut dst).unwrap());
-        assert_eq!(dst[..PLAINTEXT_HEADER_LEN], src[..PLAINTEXT_HEADER_LEN]);
+        // The header is plaintext, except for the marker bit in pd_flags.
+        assert_eq!(dst[..PD_FLAGS_OFFSET], src[..PD_FLAGS_OFFSET]);
+        assert_eq!(dst[PD_FLAGS_OFFSET + 2..PLAINTEXT_HEADER_LEN], src[PD_FLAGS_OFFSET + 2..PLAINTEXT_HEADER_LEN]);
+        assert_eq!(pd_flags(&dst), pd_flags(&src) | PD_TDE_ENCRYPTED);
+        assert_eq!(stored_kind(&dst), Stored::Encrypted);
         assert_ne!(dst[PLAINTEXT_HEADER_LEN..], src[PLAINTEXT_HEADER_LEN..]);
         assert!(decrypt_page(&mut c, &POS, &mut dst).unwrap());
         assert_eq!(dst[..], src[..]);
@@ -268,6 +333,37 @@ mod tests {
             decrypt_page(&mut c, &other, &mut wrong).unwrap();
             assert_ne!(wrong[..], src[..]);
         }
+    }
+
+    #[test]
+    fn unmarked_page_is_refused_and_untouched() {
+        let mut c = cipher();
+        let mut plain = sample_page(9);
+        let before = plain.clone();
+        assert_eq!(stored_kind(&plain), Stored::Plain);
+        assert_eq!(decrypt_page(&mut c, &POS, &mut plain), Err(Error::NotEncrypted));
+        assert_eq!(plain[..], before[..]);
+    }
+
+    #[test]
+    fn marker_survives_any_page_flags_and_is_cleared_on_read() {
+        let mut c = cipher();
+        for flags in 0..=PD_VALID_FLAG_BITS {
+            let mut src = sample_page(11);
+            set_pd_flags(&mut src, flags);
+            let mut dst = Box::new([0u8; PAGE_SIZE]);
+            encrypt_page(&mut c, &POS, &src, &mut dst).unwrap();
+            assert_eq!(pd_flags(&dst) & PD_TDE_BITS, PD_TDE_ENCRYPTED);
+            assert_eq!(pd_flags(&dst) & PD_VALID_FLAG_BITS, flags);
+            decrypt_page(&mut c, &POS, &mut dst).unwrap();
+            assert_eq!(pd_flags(&dst), flags, "the buffer manager sees the page's own flags");
+            assert_eq!(dst[..], src[..]);
+        }
+    }
+
+    #[test]
+    fn zero_page_is_zero_not_plain() {
+        assert_eq!(stored_kind(&[0u8; PAGE_SIZE]), Stored::Zero);
     }
 
     #[test]

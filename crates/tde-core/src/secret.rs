@@ -37,6 +37,9 @@ pub enum Error {
     /// one IEEE 1619 data unit.
     #[error("XTS data length must be a non-zero multiple of 16 up to 16 MiB, got {len}")]
     DataLength { len: usize },
+    /// A non-zero page handed to `decrypt_page` is not marked as encrypted on disk.
+    #[error("the page is not marked as encrypted")]
+    NotEncrypted,
     /// The cipher backend (OpenSSL) reported a failure.
     #[error("the AES-XTS cipher backend failed")]
     Cipher,
