@@ -96,6 +96,21 @@ pub fn tde_heap_oid() -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// The access method of relation `relid`, if it exists.
+pub fn access_method_of(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: RelationIdGetRelation returns NULL or a pinned relcache entry
+    // that we release below.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return None;
+        }
+        let am = (*(*rel).rd_rel).relam;
+        pg_sys::RelationClose(rel);
+        Some(am)
+    }
+}
+
 /// Whether relation `relid` uses tde_heap.  Reads the relcache, which also
 /// knows relations created earlier in the same command.
 pub fn uses_tde_heap(relid: pg_sys::Oid) -> bool {

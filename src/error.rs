@@ -20,16 +20,20 @@ pub enum TdeError {
     UnknownProvider(String),
     #[error("too many encrypted relation files (tde.max_relation_keys = {0})")]
     TableFull(u32),
+    #[error("the key store holds {keys} keys, more than tde.max_relation_keys = {capacity}")]
+    StoreTooLarge { keys: usize, capacity: u32 },
     #[error("{0}")]
     Invalid(String),
     #[error("cannot change keys during recovery")]
     InRecovery,
+    #[error("pg_upgrade cannot carry encrypted relations to a new cluster")]
+    BinaryUpgrade,
     #[error("internal cryptographic error")]
     Crypto,
 }
 
 impl TdeError {
-    fn code(&self) -> PgSqlErrorCode {
+    pub fn code(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
             TdeError::NoMasterKey | TdeError::Locked(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -40,22 +44,34 @@ impl TdeError {
             TdeError::Provider(ProviderError::BadOptions { .. })
             | TdeError::Provider(ProviderError::UnknownKind(_))
             | TdeError::Invalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
-            TdeError::Provider(ProviderError::InsecurePermissions { .. }) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            TdeError::Provider(
+                ProviderError::InsecurePermissions { .. }
+                | ProviderError::WrongOwner { .. }
+                | ProviderError::InsecureDirectory { .. }
+                | ProviderError::Symlink { .. }
+                | ProviderError::TempExists { .. },
+            ) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             TdeError::Provider(_) => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             TdeError::UnknownProvider(_) => ERRCODE_UNDEFINED_OBJECT,
-            TdeError::TableFull(_) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            TdeError::TableFull(_) | TdeError::StoreTooLarge { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             TdeError::InRecovery => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            TdeError::BinaryUpgrade => ERRCODE_FEATURE_NOT_SUPPORTED,
             TdeError::Crypto => ERRCODE_INTERNAL_ERROR,
         }
     }
 
-    fn hint(&self) -> Option<&'static str> {
+    pub fn hint(&self) -> Option<&'static str> {
         match self {
             TdeError::NoMasterKey => Some("Call tde_add_key_provider() and tde_set_master_key() first."),
+            TdeError::BinaryUpgrade => Some(
+                "Their files are encrypted under the old cluster's keys. Move them with pg_dump and pg_restore, or decrypt them (ALTER TABLE ... SET ACCESS METHOD heap) before pg_upgrade.",
+            ),
             TdeError::Locked(_) => {
                 Some("Make the master key available (keyring file, environment variable) and restart the server.")
             }
-            TdeError::TableFull(_) => Some("Raise tde.max_relation_keys and restart the server."),
+            TdeError::TableFull(_) | TdeError::StoreTooLarge { .. } => {
+                Some("Raise tde.max_relation_keys and restart the server.")
+            }
             _ => None,
         }
     }

@@ -36,6 +36,25 @@ $standby->safe_psql('postgres', 'CHECKPOINT');
 my @leaks = files_containing($standby, 'w499');
 is_deeply([ grep { !m{/pg_wal/} } @leaks ], [], 'standby files hold no plaintext');
 
+# DROP DATABASE removes the database's directory without the storage
+# manager; its keys must go on the standby too (through the WAL).
+$primary->safe_psql('postgres', 'CREATE DATABASE gone');
+$primary->safe_psql('gone', q{
+	CREATE EXTENSION tde;
+	CREATE TABLE t (id int PRIMARY KEY, v text) USING tde_heap;
+	INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g;
+});
+my $gone_oid = $primary->safe_psql('postgres', "SELECT oid FROM pg_database WHERE datname = 'gone'");
+$primary->wait_for_catchup($standby);
+my $keys_of_gone = "SELECT count(*) FROM tde_keys() WHERE dboid = $gone_oid";
+ok($standby->safe_psql('postgres', $keys_of_gone) >= 2, 'the standby has the keys of a new database');
+$primary->safe_psql('postgres', 'DROP DATABASE gone');
+$primary->wait_for_catchup($standby);
+is($primary->safe_psql('postgres', $keys_of_gone), '0', 'DROP DATABASE removes its keys on the primary');
+is($standby->safe_psql('postgres', $keys_of_gone), '0', 'and on the standby');
+$standby->restart;
+is($standby->safe_psql('postgres', $keys_of_gone), '0', 'and they stay gone after the standby restarts');
+
 $primary->stop;
 $standby->promote;
 $standby->safe_psql('postgres', q{

@@ -7,6 +7,8 @@
 use strict;
 use warnings FATAL => 'all';
 use File::Copy;
+use JSON::PP ();
+use MIME::Base64 ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -122,7 +124,9 @@ $node->stop;
 open($fh, '<', $ring) or die;
 my $json = do { local $/; <$fh> };
 close $fh;
-$json =~ s/"mek-1"\s*:\s*"[^"]*"/"mek-1": "QUJD"/;   # destroy the old key
+my $doc = JSON::PP::decode_json($json);
+delete $doc->{keys}{'mek-1'} or die 'no mek-1 in the keyring';   # destroy the old key
+$json = JSON::PP::encode_json($doc);
 open($fh, '>', $ring) or die;
 print $fh $json;
 close $fh;
@@ -133,5 +137,22 @@ is($node->safe_psql('postgres', $check), '100', 'the old master key is not neede
 $node->safe_psql('postgres', q{SELECT tde_add_key_provider('env', 'env', '{"variable": "TDE_TEST_NO_SUCH_VAR"}')});
 fails_like(q{SELECT tde_set_master_key('env', 'k')}, qr/environment variable "TDE_TEST_NO_SUCH_VAR" is not set/, 'env provider without its variable');
 is($node->safe_psql('postgres', $check), '100', 'still readable with the file master key');
+
+# An env provider's variable is taken out of the server's environment at
+# start-up: programs the server runs do not inherit the master key.
+my $mek = MIME::Base64::encode_base64('E' x 32, '');
+$ENV{TDE_TEST_ENV_MEK} = $mek;
+$node->restart;
+$node->safe_psql('postgres', q{
+	SELECT tde_add_key_provider('envp', 'env', '{"variable": "TDE_TEST_ENV_MEK"}');
+	SELECT tde_set_master_key('envp', 'k');
+});
+$node->restart;
+my $envfile = $node->basedir . '/program_env.txt';
+$node->safe_psql('postgres', "COPY (SELECT 1) TO PROGRAM 'env > $envfile'");
+ok(-s $envfile, 'COPY ... TO PROGRAM ran');
+unlike(slurp_file($envfile), qr/TDE_TEST_ENV_MEK|\Q$mek\E/, 'its environment holds neither the variable nor the key');
+is($node->safe_psql('postgres', 'SELECT state FROM tde_key_store_state()'), 'unlocked', 'the env master key unlocked the store');
+is($node->safe_psql('postgres', $check), '100', 'and the data reads back');
 $node->stop;
 done_testing();

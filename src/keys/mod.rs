@@ -49,6 +49,14 @@ fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, tek: &Ta
 /// Gives the relation file `loc` a new random key.  Called before the file
 /// is created, so no page of it is ever written in plaintext.
 pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), TdeError> {
+    // pg_upgrade restores the schema with the old relfilenumbers and then
+    // copies the old files, which are under the old cluster's keys: a new
+    // key here would make them unreadable.  Refuse while the schema is
+    // restored, before pg_upgrade copies anything.
+    // SAFETY: plain read of a global set at process start.
+    if unsafe { pg_sys::IsBinaryUpgrade } {
+        return Err(TdeError::BinaryUpgrade);
+    }
     let file = file_id(loc);
     let tek = TableKey::generate().map_err(|_| TdeError::Crypto)?;
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
@@ -94,6 +102,16 @@ pub fn is_encrypted(loc: &pg_sys::RelFileLocator, temp: bool) -> bool {
     }
 }
 
+/// Why an encrypted file's key cannot be used, for error messages.
+pub fn unavailable_reason() -> String {
+    let (_, why) = shmem::state();
+    if why.is_empty() {
+        "the key could not be unwrapped".to_string()
+    } else {
+        why
+    }
+}
+
 /// Called when a relation file is unlinked (drop committed, create aborted,
 /// or their redo).  Removes its key.
 pub fn forget(loc: &pg_sys::RelFileLocator, temp: bool) {
@@ -123,20 +141,29 @@ pub fn copy_database_keys(
         if shmem::contains(&dst) {
             continue; // STRATEGY WAL_LOG already gave the copy its own key
         }
-        let tek = shmem::with_exclusive(|x| shmem::key_of(x, &src)).ok_or_else(|| {
-            TdeError::Locked(format!("the key of relation file {}/{}/{} is not available", src.spc, src.db, src.rel))
-        })?;
+        let tek = shmem::with_exclusive(|x| shmem::key_of(x, &src))
+            .ok_or_else(|| TdeError::Locked(format!("the key of relation file {src} is not available")))?;
         copies.push((dst, tek));
     }
     install_keys(&copies)?;
     Ok(copies.len())
 }
 
-/// Forgets every key of a dropped database (DROP DATABASE removes its
-/// directory without going through the storage manager).
+/// Forgets every key of a dropped database.  DROP DATABASE removes its
+/// directory without going through the storage manager, and its redo does
+/// the same on standbys, so the removal is WAL-logged: standbys and PITR
+/// drop the keys too.  The database is already gone when this runs, so a
+/// failure is a WARNING (orphan keys are harmless), never an ERROR.
 pub fn forget_database(db: u32) {
     let files: Vec<FileId> = shmem::list().into_iter().filter(|k| k.file.db == db).map(|k| k.file).collect();
-    store::remove_quietly(&files);
+    if files.is_empty() {
+        return;
+    }
+    let logged = store::commit(|_, _| Ok(files.iter().map(|f| Change::RemoveKey { file: *f }).collect()), &[]);
+    if let Err(e) = logged {
+        pgrx::warning!("tde: could not log the removal of {} key(s) of dropped database {db}: {e}", files.len());
+        store::remove_quietly(&files);
+    }
 }
 
 /// tde_add_key_provider(): validates and records a provider.

@@ -57,8 +57,10 @@ const SLOT_FREE: u8 = 0;
 const SLOT_USED: u8 = 1;
 const SLOT_DELETED: u8 = 2;
 
+/// One entry.  Deliberately neither `Clone` nor `Copy`: a slot holds an
+/// unwrapped key, which leaves shared memory only through `find`, into a
+/// zeroizing buffer.
 #[repr(C)]
-#[derive(Clone, Copy)]
 struct Slot {
     state: u8,
     has_key: u8,
@@ -118,8 +120,7 @@ pub fn attach(max_keys: u32) -> bool {
     // AddinShmemInitLock held, as PostgreSQL requires; the region has the
     // size we requested in `request`.
     unsafe {
-        // AddinShmemInitLock is a macro: MainLWLockArray[21].
-        let addin_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        let addin_lock = crate::pg::addin_shmem_init_lock();
         pg_sys::LWLockAcquire(addin_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let ptr = pg_sys::ShmemInitStruct(c"tde key table".as_ptr(), bytes, &mut found) as *mut Header;
         LOCK = &mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
@@ -260,6 +261,21 @@ pub fn find(f: &FileId) -> Found {
 pub fn contains(f: &FileId) -> bool {
     let _g = Guard::new(false);
     probe(f).is_some()
+}
+
+/// Same as `contains` for a caller that holds the lock.
+pub fn contains_locked(_x: &Exclusive, f: &FileId) -> bool {
+    probe(f).is_some()
+}
+
+/// How many entries the table can hold (tde.max_relation_keys).
+pub fn capacity(_x: &Exclusive) -> u32 {
+    header().max_keys
+}
+
+/// How many entries are in use.
+pub fn used(_x: &Exclusive) -> u32 {
+    header().used
 }
 
 /// Error for a full table.

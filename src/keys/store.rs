@@ -76,8 +76,14 @@ fn unwrap_entry(ks: &KeyStore, kek: &WrapKey, e: &KeyEntry) -> Option<TableKey> 
 
 /// Fills the shared table from `ks`: unlock it with the master key, unwrap
 /// every table key.  A key that fails to unwrap stays listed as unusable, so
-/// its relation is never mistaken for a plain one.
-fn fill(x: &Exclusive, ks: &KeyStore) {
+/// its relation is never mistaken for a plain one.  A store with more keys
+/// than the table holds is refused before anything changes: a key left out
+/// would make its file look plain.
+fn fill(x: &Exclusive, ks: &KeyStore) -> Result<(), TdeError> {
+    let capacity = shmem::capacity(x);
+    if ks.keys.len() > capacity as usize {
+        return Err(TdeError::StoreTooLarge { keys: ks.keys.len(), capacity });
+    }
     shmem::clear(x);
     let kek = match ks.principal {
         None => {
@@ -99,36 +105,42 @@ fn fill(x: &Exclusive, ks: &KeyStore) {
     for e in &ks.keys {
         let tek = kek.as_ref().and_then(|k| unwrap_entry(ks, k, e));
         if kek.is_some() && tek.is_none() {
-            pgrx::warning!(
-                "tde: the key of relation file {}/{}/{} does not unwrap (tampered key store?)",
-                e.file.spc,
-                e.file.db,
-                e.file.rel
-            );
+            pgrx::warning!("tde: the key of relation file {} does not unwrap (tampered key store?)", e.file);
         }
-        if shmem::insert(x, &info_of(e), tek.as_ref()).is_err() {
-            pgrx::warning!("tde: tde.max_relation_keys is too small for the key store ({} keys)", ks.keys.len());
-            break;
-        }
+        shmem::insert(x, &info_of(e), tek.as_ref()).map_err(|f| TdeError::TableFull(f.0))?;
     }
+    Ok(())
 }
 
 /// Loads the key store into the shared table at server start.  A corrupt or
 /// unreadable key store stops the server: starting without knowing which
 /// files are encrypted could write plaintext into them.
 pub fn load_at_startup() {
-    shmem::with_exclusive(|x| {
-        match KeyStore::load(&path()) {
-        Ok(None) => shmem::set_empty(x),
-        Ok(Some(ks)) => fill(x, &ks),
-        Err(e) => crate::error::report(
-            pgrx::PgLogLevel::FATAL,
-            pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            format!("tde: {e}"),
-            Some("Restore the key store file from a backup; the server cannot tell which relations are encrypted without it."),
-        ),
+    let result = shmem::with_exclusive(|x| match KeyStore::load(&path()) {
+        Ok(None) => {
+            shmem::set_empty(x);
+            Ok(())
+        }
+        Ok(Some(ks)) => {
+            // Take env providers' master keys out of the postmaster's
+            // environment: children inherit them in memory, but not the
+            // programs they run (archive_command, COPY ... TO PROGRAM).
+            for p in ks.providers.iter().filter(|p| p.kind == "env") {
+                if let Some(var) = p.options.get("variable").and_then(|v| v.as_str()) {
+                    provider::capture_env_variable(var);
+                }
+            }
+            fill(x, &ks)
+        }
+        Err(e) => Err(TdeError::from(e)),
+    });
+    if let Err(e) = result {
+        let hint = match e {
+            TdeError::StoreTooLarge { .. } | TdeError::TableFull(_) => e.hint().unwrap_or_default(),
+            _ => "Restore the key store file from a backup; the server cannot tell which relations are encrypted without it.",
+        };
+        crate::error::report(pgrx::PgLogLevel::FATAL, e.code(), format!("tde: {e}"), Some(hint));
     }
-    })
 }
 
 fn random_store_id() -> Result<String, TdeError> {
@@ -173,6 +185,13 @@ pub fn commit(
         for change in &changes {
             ks.apply(change)?;
         }
+        // Refuse before anything is logged: a key that is in the WAL and the
+        // file but not in the table would leave an orphan, or worse.
+        let new_files =
+            changes.iter().filter(|c| matches!(c, Change::AddKey(e) if !shmem::contains_locked(x, &e.file))).count();
+        if shmem::used(x) as usize + new_files > shmem::capacity(x) as usize {
+            return Err(TdeError::TableFull(shmem::capacity(x)));
+        }
         wal::log_changes(&changes);
         ks.save(&path())?;
         for (i, change) in changes.iter().enumerate() {
@@ -193,15 +212,19 @@ fn apply_to_table(x: &Exclusive, ks: &KeyStore, change: &Change) {
     match change {
         Change::AddKey(e) => {
             let tek = shmem::kek_locked(x).and_then(|k| unwrap_entry(ks, &k, e));
-            if shmem::insert(x, &info_of(e), tek.as_ref()).is_err() {
-                pgrx::warning!("tde: tde.max_relation_keys is too small for the key store");
+            // In redo (a standby with a smaller tde.max_relation_keys) this
+            // stops recovery: going on would treat the file as plain.
+            if let Err(f) = shmem::insert(x, &info_of(e), tek.as_ref()) {
+                TdeError::TableFull(f.0).raise();
             }
         }
         Change::RemoveKey { file } => shmem::remove(x, file),
         // A new master key: retry unlocking if we are locked.
         Change::SetPrincipal(_) => {
             if shmem::kek_locked(x).is_none() {
-                fill(x, ks)
+                if let Err(e) = fill(x, ks) {
+                    e.raise();
+                }
             }
         }
         Change::Init { .. } | Change::AddProvider(_) => {}
