@@ -2,9 +2,12 @@
 //!
 //! Every change follows one path, under the key table's exclusive lock:
 //!
-//! 1. read the key store file and apply the change in memory (validation);
+//! 1. read the key store file and apply the change in memory (validation,
+//!    and the capacity check: nothing is logged that cannot be applied);
 //! 2. WAL-log the change through the tde resource manager (src/wal/mod.rs);
-//! 3. replace the file atomically (tmp, fsync, rename, fsync dir);
+//! 3. replace the file atomically (tmp, fsync, rename, fsync dir), with
+//!    checkpoints held off from 2 to 3 (DELAY_CHKPT_START) and a PANIC if 3
+//!    fails after 2 (`log_and_save`);
 //! 4. update the shared key table.
 //!
 //! Redo (crash recovery, standbys, PITR) runs steps 1, 3 and 4 with the
@@ -175,9 +178,8 @@ pub fn commit(
                 // failing first change cannot leave the WAL with one store
                 // id and a later attempt with another.
                 let store_id = random_store_id()?;
-                wal::log_changes(&[Change::Init { store_id: store_id.clone() }]);
-                let ks = KeyStore::new(store_id);
-                ks.save(&path())?;
+                let ks = KeyStore::new(store_id.clone());
+                log_and_save(&ks, &[Change::Init { store_id }]);
                 ks
             }
         };
@@ -192,8 +194,7 @@ pub fn commit(
         if shmem::used(x) as usize + new_files > shmem::capacity(x) as usize {
             return Err(TdeError::TableFull(shmem::capacity(x)));
         }
-        wal::log_changes(&changes);
-        ks.save(&path())?;
+        log_and_save(&ks, &changes);
         for (i, change) in changes.iter().enumerate() {
             match (change, secrets.get(i).unwrap_or(&Secret::None)) {
                 (Change::AddKey(e), Secret::TableKey(tek)) => {
@@ -205,6 +206,47 @@ pub fn commit(
         }
         Ok(())
     })
+}
+
+/// Holds checkpoints off while set (PostgreSQL's DELAY_CHKPT_START, as used
+/// for changes made outside shared buffers); cleared on drop, also when an
+/// ERROR unwinds through.
+struct DelayCheckpoint;
+
+impl DelayCheckpoint {
+    fn start() -> DelayCheckpoint {
+        // SAFETY: MyProc is this backend's PGPROC; only this process writes
+        // its delayChkptFlags, which the checkpointer reads.
+        unsafe { (*pg_sys::MyProc).delayChkptFlags |= pg_sys::DELAY_CHKPT_START as i32 };
+        DelayCheckpoint
+    }
+}
+
+impl Drop for DelayCheckpoint {
+    fn drop(&mut self) {
+        // SAFETY: as in start().
+        unsafe { (*pg_sys::MyProc).delayChkptFlags &= !(pg_sys::DELAY_CHKPT_START as i32) };
+    }
+}
+
+/// WAL first, then the file, with checkpoints held off in between.  A
+/// checkpoint whose redo point lies after our record waits until the file
+/// holds the change, so any PGDATA recovery can start from -- after a crash,
+/// from a base backup, on a standby -- has the change either in the file or
+/// in the WAL it replays.  Once the record is flushed, failing to save the
+/// file would leave the two apart for good: that is a PANIC, and crash
+/// recovery then replays the change into the file.
+fn log_and_save(ks: &KeyStore, changes: &[Change]) {
+    let _delay = DelayCheckpoint::start();
+    wal::log_changes(changes);
+    if let Err(e) = ks.save(&path()) {
+        crate::error::report(
+            pgrx::PgLogLevel::PANIC,
+            pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("tde: {e}"),
+            Some("The change is in the WAL; crash recovery applies it to the key store once the file can be written."),
+        );
+    }
 }
 
 /// Applies a change to the shared table when no secret came with it.
