@@ -24,7 +24,7 @@ use pgrx::prelude::*;
 use pgrx::PgList;
 
 use crate::am::{tde_heap_oid, uses_tde_heap};
-use crate::error::OrRaise;
+use crate::error::{OrRaise, TdeError};
 use crate::gucs;
 use crate::keys;
 
@@ -174,14 +174,7 @@ unsafe fn refuse_decrypting_set_access_method(stmt: *mut pg_sys::AlterTableStmt)
             unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
         };
         if target != "tde_heap" {
-            crate::error::report(
-                PgLogLevel::ERROR,
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!(
-                    "tde: tde.enforce_encryption is on: SET ACCESS METHOD {target} would store the table unencrypted"
-                ),
-                Some("A superuser can turn tde.enforce_encryption off for this session first."),
-            );
+            TdeError::Enforced(format!("SET ACCESS METHOD {target} would store the table unencrypted")).raise();
         }
     }
 }
@@ -218,12 +211,7 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
         && Some(relam) != tde_heap_oid()
         && !is_rewrite_transient(&name, relam)
     {
-        crate::error::report(
-            PgLogLevel::ERROR,
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("tde: tde.enforce_encryption is on: table \"{name}\" would not be encrypted"),
-            Some("Use CREATE TABLE ... USING tde_heap, or SET default_table_access_method = tde_heap."),
-        );
+        TdeError::Enforced(format!("table \"{name}\" would not be encrypted")).raise();
     }
 }
 
@@ -311,12 +299,7 @@ unsafe fn refuse_moving_encrypted_database(stmt: *mut pg_sys::AlterDatabaseStmt)
     let Some(db) = database_oid(unsafe { (*stmt).dbname }) else { return };
     let db = u32::from(db);
     if keys::shmem::list().iter().any(|k| k.file.db == db) {
-        crate::error::report(
-            PgLogLevel::ERROR,
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "tde: ALTER DATABASE ... SET TABLESPACE is not supported for a database with encrypted relations".into(),
-            Some("Move the tables instead: ALTER TABLE ... SET TABLESPACE, or ALTER TABLE ALL IN TABLESPACE ... SET TABLESPACE."),
-        );
+        TdeError::MoveEncryptedDatabase.raise();
     }
 }
 

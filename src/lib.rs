@@ -31,12 +31,7 @@ pub extern "C-unwind" fn _PG_init() {
     // it processes shared_preload_libraries; we are on the main thread.
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if !preloading {
-        error::report(
-            PgLogLevel::ERROR,
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "tde must be loaded via shared_preload_libraries".into(),
-            Some("Add tde to shared_preload_libraries in postgresql.conf and restart the server."),
-        );
+        error::TdeError::NotPreloaded.raise();
     }
     gucs::init();
     // SAFETY: installing shared memory hooks from _PG_init, chaining the

@@ -24,7 +24,7 @@ $plain->init;
 $plain->start;
 my ($rc, $out, $err) = $plain->psql('postgres', 'CREATE EXTENSION tde');
 isnt($rc, 0, 'CREATE EXTENSION fails without preloading');
-like($err, qr/tde must be loaded via shared_preload_libraries/,
+like($err, qr/tde: must be loaded via shared_preload_libraries/,
 	'the error says the library must be preloaded');
 ($rc, $out, $err) = $plain->psql('postgres', "LOAD 'tde'");
 like($err, qr/shared_preload_libraries/, 'LOAD says the same');

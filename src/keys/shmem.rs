@@ -51,7 +51,13 @@ struct Header {
     max_keys: u32,
     kek: [u8; 32],
     reason: [u8; REASON_LEN],
+    /// Generation and id of the key store file as last saved or loaded
+    /// (keys/store.rs); read by the checkpointer.
+    store_generation: u64,
+    store_id: [u8; STORE_ID_LEN],
 }
+
+const STORE_ID_LEN: usize = 64;
 
 const SLOT_FREE: u8 = 0;
 const SLOT_USED: u8 = 1;
@@ -367,6 +373,24 @@ pub fn set_empty(_x: &Exclusive) {
     h.state = StoreState::Empty as u32;
     h.reason.zeroize();
     bump();
+}
+
+/// Records the key store file's generation and id.  Caller holds the lock
+/// exclusively, and has saved (or loaded) the file.
+pub fn set_store_version(_x: &Exclusive, generation: u64, store_id: &str) {
+    let h = header();
+    h.store_generation = generation;
+    h.store_id = [0; STORE_ID_LEN];
+    let n = store_id.len().min(STORE_ID_LEN);
+    h.store_id[..n].copy_from_slice(&store_id.as_bytes()[..n]);
+}
+
+/// The key store file's generation and id (0 and "" before it exists).
+pub fn store_version() -> (u64, String) {
+    let _g = Guard::new(false);
+    let h = header();
+    let end = h.store_id.iter().position(|&b| b == 0).unwrap_or(STORE_ID_LEN);
+    (h.store_generation, String::from_utf8_lossy(&h.store_id[..end]).into_owned())
 }
 
 /// The state and, when locked, why.

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pgrx::pg_sys;
-use tde_core::keystore::{kek_aad, tek_aad, Change, FileId, KeyEntry, KeyStore};
+use tde_core::keystore::{kek_aad, redo_step, tek_aad, Change, FileId, KeyEntry, KeyStore, Record, RedoStep};
 use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::wrap::unwrap_table_key;
@@ -125,6 +125,7 @@ pub fn load_at_startup() {
             Ok(())
         }
         Ok(Some(ks)) => {
+            shmem::set_store_version(x, ks.generation, &ks.store_id);
             // Take env providers' master keys out of the postmaster's
             // environment: children inherit them in memory, but not the
             // programs they run (archive_command, COPY ... TO PROGRAM).
@@ -138,11 +139,9 @@ pub fn load_at_startup() {
         Err(e) => Err(TdeError::from(e)),
     });
     if let Err(e) = result {
-        let hint = match e {
-            TdeError::StoreTooLarge { .. } | TdeError::TableFull(_) => e.hint().unwrap_or_default(),
-            _ => "Restore the key store file from a backup; the server cannot tell which relations are encrypted without it.",
-        };
-        crate::error::report(pgrx::PgLogLevel::FATAL, e.code(), format!("tde: {e}"), Some(hint));
+        // Starting without knowing which files are encrypted could write
+        // plaintext into them.
+        e.raise_at(pgrx::PgLogLevel::FATAL);
     }
 }
 
@@ -178,15 +177,22 @@ pub fn commit(
                 // failing first change cannot leave the WAL with one store
                 // id and a later attempt with another.
                 let store_id = random_store_id()?;
-                let ks = KeyStore::new(store_id.clone());
-                log_and_save(&ks, &[Change::Init { store_id }]);
+                let mut ks = KeyStore::new(store_id.clone());
+                ks.generation = 1;
+                log_and_save(&ks, &[Record { generation: 1, change: Change::Init { store_id } }]);
+                shmem::set_store_version(x, ks.generation, &ks.store_id);
                 ks
             }
         };
         let changes = build(&ks, x)?;
-        for change in &changes {
-            ks.apply(change)?;
+        let first = ks.generation + 1;
+        let records: Vec<Record> =
+            changes.into_iter().zip(first..).map(|(change, generation)| Record { generation, change }).collect();
+        for r in &records {
+            ks.apply(&r.change)?;
+            ks.generation = r.generation;
         }
+        let changes: Vec<&Change> = records.iter().map(|r| &r.change).collect();
         // Refuse before anything is logged: a key that is in the WAL and the
         // file but not in the table would leave an orphan, or worse.
         let new_files =
@@ -194,8 +200,9 @@ pub fn commit(
         if shmem::used(x) as usize + new_files > shmem::capacity(x) as usize {
             return Err(TdeError::TableFull(shmem::capacity(x)));
         }
-        log_and_save(&ks, &changes);
-        for (i, change) in changes.iter().enumerate() {
+        log_and_save(&ks, &records);
+        shmem::set_store_version(x, ks.generation, &ks.store_id);
+        for (i, change) in changes.into_iter().enumerate() {
             match (change, secrets.get(i).unwrap_or(&Secret::None)) {
                 (Change::AddKey(e), Secret::TableKey(tek)) => {
                     shmem::insert(x, &info_of(e), Some(tek)).map_err(|f| TdeError::TableFull(f.0))?
@@ -236,16 +243,11 @@ impl Drop for DelayCheckpoint {
 /// in the WAL it replays.  Once the record is flushed, failing to save the
 /// file would leave the two apart for good: that is a PANIC, and crash
 /// recovery then replays the change into the file.
-fn log_and_save(ks: &KeyStore, changes: &[Change]) {
+fn log_and_save(ks: &KeyStore, records: &[Record]) {
     let _delay = DelayCheckpoint::start();
-    wal::log_changes(changes);
+    wal::log_records(records);
     if let Err(e) = ks.save(&path()) {
-        crate::error::report(
-            pgrx::PgLogLevel::PANIC,
-            pgrx::PgSqlErrorCode::ERRCODE_IO_ERROR,
-            format!("tde: {e}"),
-            Some("The change is in the WAL; crash recovery applies it to the key store once the file can be written."),
-        );
+        TdeError::SaveAfterLog(e).raise_at(pgrx::PgLogLevel::PANIC);
     }
 }
 
@@ -269,32 +271,81 @@ fn apply_to_table(x: &Exclusive, ks: &KeyStore, change: &Change) {
                 }
             }
         }
-        Change::Init { .. } | Change::AddProvider(_) => {}
+        Change::Init { .. } | Change::AddProvider(_) | Change::Checkpoint { .. } => {}
     }
 }
 
-/// Redo of a WAL record: the same change, applied to this server's file
-/// and table.
-pub fn redo(change: &Change) {
+/// The record the checkpointer writes after the redo pointer of an online
+/// checkpoint (wal/mod.rs): the store generation this checkpoint vouches
+/// for.  Every change up to it is in the durable file (changes update the
+/// shared generation only after saving), so recovery from this checkpoint
+/// may refuse a store below it.  None before the store exists.
+pub fn checkpoint_record() -> Option<Record> {
+    if !shmem::is_attached() {
+        return None;
+    }
+    let (generation, store_id) = shmem::store_version();
+    (generation > 0).then_some(Record { generation, change: Change::Checkpoint { store_id } })
+}
+
+fn refuse_store(why: String) -> ! {
+    TdeError::StoreRefused(why).raise()
+}
+
+/// Redo of a WAL record: the same change, applied to this server's file and
+/// table, in generation order.  A store file that is missing, older than the
+/// WAL, or another cluster's, stops recovery (an ERROR in the startup
+/// process is FATAL): going on would treat some encrypted files as plain.
+pub fn redo(rec: &Record) {
     if let Err(e) = ensure_dir() {
         e.raise();
     }
+    let p = path();
     shmem::with_exclusive(|x| {
-        let mut ks = match KeyStore::load(&path()) {
-            Ok(Some(ks)) => ks,
-            Ok(None) => match change {
-                Change::Init { store_id } => KeyStore::new(store_id.clone()),
-                _ => TdeError::Store(tde_core::keystore::StoreError::NotInitialised).raise(),
-            },
+        let loaded = match KeyStore::load(&p) {
+            Ok(ks) => ks,
             Err(e) => TdeError::from(e).raise(),
         };
-        if let Err(e) = ks.apply(change) {
-            TdeError::from(e).raise();
+        let record_store = match &rec.change {
+            Change::Init { store_id } | Change::Checkpoint { store_id } => Some(store_id),
+            _ => None,
+        };
+        if let (Some(ks), Some(id)) = (&loaded, record_store) {
+            if &ks.store_id != id {
+                refuse_store(format!(
+                    "key store file \"{}\" belongs to another cluster (store {}, the WAL has store {id})",
+                    p.display(),
+                    ks.store_id
+                ));
+            }
         }
-        if let Err(e) = ks.save(&path()) {
-            TdeError::from(e).raise();
+        match redo_step(loaded.as_ref().map(|ks| ks.generation), rec) {
+            RedoStep::Done => {}
+            RedoStep::Missing { need } => refuse_store(format!(
+                "key store file \"{}\" is missing, but the WAL needs it at generation {need}",
+                p.display()
+            )),
+            RedoStep::Behind { have, need } => refuse_store(format!(
+                "key store file \"{}\" is older than the WAL: it has generation {have}, the WAL needs {need}",
+                p.display()
+            )),
+            RedoStep::Apply => {
+                let mut ks = match (loaded, &rec.change) {
+                    (Some(ks), _) => ks,
+                    (None, Change::Init { store_id }) => KeyStore::new(store_id.clone()),
+                    (None, _) => unreachable!("redo_step applies only Init without a file"),
+                };
+                if let Err(e) = ks.apply(&rec.change) {
+                    TdeError::from(e).raise();
+                }
+                ks.generation = rec.generation;
+                if let Err(e) = ks.save(&p) {
+                    TdeError::from(e).raise();
+                }
+                shmem::set_store_version(x, ks.generation, &ks.store_id);
+                apply_to_table(x, &ks, &rec.change);
+            }
         }
-        apply_to_table(x, &ks, change);
     })
 }
 

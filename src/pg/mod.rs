@@ -112,7 +112,10 @@ pub fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
         let name = pg_sys::GetLWLockIdentifier(pg_sys::PG_WAIT_LWLOCK, ADDIN_SHMEM_INIT_LOCK as u16);
         let ok = !name.is_null() && std::ffi::CStr::from_ptr(name) == c"AddinShmemInit";
         if !ok {
-            pgrx::error!("tde: this PostgreSQL build does not have AddinShmemInitLock at MainLWLockArray[21]");
+            crate::error::TdeError::Internal(
+                "this PostgreSQL build does not have AddinShmemInitLock at MainLWLockArray[21]".into(),
+            )
+            .raise();
         }
         &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock
     }

@@ -35,6 +35,7 @@ use pgrx::prelude::*;
 use tde_core::keystore::FileId;
 use tde_core::page::PAGE_SIZE;
 
+use crate::error::TdeError;
 use crate::keys::{self, local::Kind};
 use crate::pg::{self, BlockNumber, ForkNumber, SMgrRelation};
 
@@ -80,12 +81,7 @@ pub fn check_still_selected() {
     // SAFETY: plain reads of globals written only during library loading.
     let (current, ours) = unsafe { (pg_sys::storage_manager_id, TDE_SMGR_ID) };
     if current != ours {
-        crate::error::report(
-            PgLogLevel::FATAL,
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("tde: another library replaced tde's storage manager (storage_manager_id is {current}, tde registered {ours})"),
-            Some("Encrypted relations would be written in plaintext. Remove the other storage manager from shared_preload_libraries."),
-        );
+        TdeError::StorageManagerReplaced { current, ours }.raise_at(PgLogLevel::FATAL);
     }
 }
 
@@ -141,28 +137,12 @@ unsafe fn target(reln: SMgrRelation) -> Target {
     Target { file: keys::file_id(&rel.locator), temp: rel.backend != pg_sys::INVALID_PROC_NUMBER }
 }
 
-fn unavailable(t: &Target, fork: ForkNumber, action: &str) -> ! {
-    let why = keys::unavailable_reason();
-    crate::error::report(
-        PgLogLevel::ERROR,
-        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-        format!("tde: cannot {action} encrypted relation file {} (fork {fork}): its key is unavailable: {why}", t.file),
-        Some("Make the master key available and restart the server. Nothing was written."),
-    );
-    unreachable!()
+fn unavailable(t: &Target, fork: ForkNumber, action: &'static str) -> ! {
+    TdeError::KeyUnavailable { action, file: t.file, fork, why: keys::unavailable_reason() }.raise()
 }
 
 fn marked_without_key(t: &Target, fork: ForkNumber, block: BlockNumber) -> ! {
-    crate::error::report(
-        PgLogLevel::ERROR,
-        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-        format!(
-            "tde: block {block} of relation file {} (fork {fork}) is encrypted on disk, but the key store has no key for this file",
-            t.file
-        ),
-        Some("The key store does not match the data files (restored from another backup, or edited?). Restore the key store that belongs to this data directory."),
-    );
-    unreachable!()
+    TdeError::MarkedWithoutKey { file: t.file, fork, block }.raise()
 }
 
 #[pg_guard]
@@ -186,15 +166,7 @@ unsafe extern "C-unwind" fn tde_readv(
             let block = blocknum + i as u32;
             if !page::decrypt(cipher, t.file.rel, forknum, block, page_at(i)) {
                 // Raised as a Rust panic: the borrow is released on the way out.
-                crate::error::report(
-                    PgLogLevel::ERROR,
-                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                    format!(
-                        "tde: block {block} of encrypted relation file {} (fork {forknum}) is not marked as encrypted on disk",
-                        t.file
-                    ),
-                    None,
-                );
+                TdeError::NotMarked { file: t.file, fork: forknum, block }.raise();
             }
         }
     });

@@ -59,14 +59,8 @@ fn stored_checksum(page: &[u8; PAGE_SIZE]) -> u16 {
     u16::from_ne_bytes([page[CHECKSUM_OFFSET], page[CHECKSUM_OFFSET + 1]])
 }
 
-fn cipher_failed(what: &str) -> ! {
-    crate::error::report(
-        pgrx::PgLogLevel::ERROR,
-        pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("tde: page {what} failed in the cipher library; nothing was written"),
-        None,
-    );
-    unreachable!()
+fn cipher_failed(what: &'static str) -> ! {
+    crate::error::TdeError::Cipher(what).raise()
 }
 
 /// Encrypts `src` into `dst`.

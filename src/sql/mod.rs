@@ -40,7 +40,7 @@ fn tde_is_encrypted(rel: pg_sys::Oid) -> bool {
     unsafe {
         let r = pg_sys::RelationIdGetRelation(rel);
         if r.is_null() {
-            error!("tde: relation with OID {} does not exist", u32::from(rel));
+            crate::error::TdeError::NoSuchRelation(u32::from(rel)).raise();
         }
         let form = &*(*r).rd_rel;
         let has_storage = !matches!(form.relkind as u8, b'p' | b'I' | b'v' | b'f' | b'c');

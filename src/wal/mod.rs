@@ -10,13 +10,20 @@
 //! 129..=140 and 241 as taken (140 is Percona's pg_tde).  docs/wal.md has the
 //! record format and the id's registration.
 //!
-//! Record payload: the `Change` as JSON.  It holds wrapped keys only (AES-GCM
-//! under the KEK or the master key), never key material in plain form.
+//! Record payload: a `Record` (the change and the store generation it leads
+//! to) as JSON.  It holds wrapped keys only (AES-GCM under the KEK or the
+//! master key), never key material in plain form.
+//!
+//! Besides changes, the checkpointer writes one `Checkpoint` record per
+//! online checkpoint (the core patch's CheckPoint_hook, keys/store.rs), so
+//! that recovery from that checkpoint can refuse an older or missing store.
 
 use std::ffi::{c_char, CStr};
 
 use pgrx::pg_sys;
-use tde_core::keystore::Change;
+use tde_core::keystore::{Change, Record};
+
+use crate::error::TdeError;
 
 pub const TDE_RMGR_ID: u8 = 163;
 const XLOG_TDE_CHANGE: u8 = 0x10;
@@ -37,29 +44,43 @@ static RMGR: Rmgr = Rmgr(pg_sys::RmgrData {
     rm_decode: None,
 });
 
+static mut PREV_CHECKPOINT: pg_sys::CheckPoint_hook_type = None;
+
 pub fn init() {
     // SAFETY: called from _PG_init while shared_preload_libraries load, as
-    // RegisterCustomRmgr requires; RMGR lives for the whole process.
-    unsafe { pg_sys::RegisterCustomRmgr(TDE_RMGR_ID as _, &RMGR.0) };
+    // RegisterCustomRmgr requires; RMGR lives for the whole process.  The
+    // checkpoint hook (core patch 0002) is chained.
+    unsafe {
+        pg_sys::RegisterCustomRmgr(TDE_RMGR_ID as _, &RMGR.0);
+        PREV_CHECKPOINT = pg_sys::CheckPoint_hook;
+        pg_sys::CheckPoint_hook = Some(checkpoint);
+    }
 }
 
-/// Writes `changes` to the WAL, one record each, and flushes once.
-pub fn log_changes(changes: &[Change]) {
+fn insert(rec: &Record, unimportant: bool) -> pg_sys::XLogRecPtr {
+    // Serialising plain data with string keys cannot fail; if it ever did,
+    // an empty record would lose the change, so stop instead.
+    let payload = match serde_json::to_vec(rec) {
+        Ok(p) => p,
+        Err(e) => TdeError::Internal(format!("could not encode a key store change for the WAL: {e}")).raise(),
+    };
+    // SAFETY: the standard XLogBeginInsert/XLogRegisterData/XLogInsert
+    // sequence; `payload` outlives XLogInsert, which copies it.
+    unsafe {
+        pg_sys::XLogBeginInsert();
+        if unimportant {
+            pg_sys::XLogSetRecordFlags(pg_sys::XLOG_MARK_UNIMPORTANT as u8);
+        }
+        pg_sys::XLogRegisterData(payload.as_ptr() as *mut c_char, payload.len() as u32);
+        pg_sys::XLogInsert(TDE_RMGR_ID as _, XLOG_TDE_CHANGE)
+    }
+}
+
+/// Writes `records` to the WAL and flushes once.
+pub fn log_records(records: &[Record]) {
     let mut lsn = 0;
-    for change in changes {
-        // Serialising plain data with string keys cannot fail; if it ever
-        // did, an empty record would lose the change, so stop instead.
-        let payload = match serde_json::to_vec(change) {
-            Ok(p) => p,
-            Err(e) => pgrx::error!("tde: could not encode a key store change for the WAL: {e}"),
-        };
-        // SAFETY: the standard XLogBeginInsert/XLogRegisterData/XLogInsert
-        // sequence; `payload` outlives XLogInsert, which copies it.
-        lsn = unsafe {
-            pg_sys::XLogBeginInsert();
-            pg_sys::XLogRegisterData(payload.as_ptr() as *mut c_char, payload.len() as u32);
-            pg_sys::XLogInsert(TDE_RMGR_ID as _, XLOG_TDE_CHANGE)
-        };
+    for r in records {
+        lsn = insert(r, false);
     }
     if lsn != 0 {
         // SAFETY: flushes WAL we just inserted.
@@ -67,8 +88,29 @@ pub fn log_changes(changes: &[Change]) {
     }
 }
 
-/// The change carried by a record of ours.
-unsafe fn record_change(record: *mut pg_sys::XLogReaderState) -> Option<Change> {
+/// CheckPoint_hook: online checkpoints (not restartpoints, not shutdown or
+/// end-of-recovery checkpoints, which may not insert WAL) write a record of
+/// the store generation they vouch for.  Marked unimportant, so an idle
+/// server still skips its idle checkpoints.  No flush: the checkpoint record
+/// that follows is flushed.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn checkpoint(redo: pg_sys::XLogRecPtr, flags: std::ffi::c_int) {
+    // SAFETY: chaining to the previous hook with our own arguments.
+    if let Some(prev) = unsafe { PREV_CHECKPOINT } {
+        unsafe { prev(redo, flags) };
+    }
+    let no_wal = (pg_sys::CHECKPOINT_IS_SHUTDOWN | pg_sys::CHECKPOINT_END_OF_RECOVERY) as std::ffi::c_int;
+    // SAFETY: plain call.
+    if flags & no_wal != 0 || unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    if let Some(rec) = crate::keys::store::checkpoint_record() {
+        insert(&rec, true);
+    }
+}
+
+/// The record carried by a WAL record of ours.
+unsafe fn record_change(record: *mut pg_sys::XLogReaderState) -> Option<Record> {
     // SAFETY (caller): `record` is the decoded record PostgreSQL hands to
     // redo/desc; main_data holds main_data_len bytes.
     let decoded = unsafe { (*record).record };
@@ -85,8 +127,8 @@ unsafe fn record_change(record: *mut pg_sys::XLogReaderState) -> Option<Change> 
 unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     // SAFETY: called by the startup process with a valid record.
     match unsafe { record_change(record) } {
-        Some(change) => crate::keys::store::redo(&change),
-        None => pgrx::error!("tde: malformed WAL record"),
+        Some(rec) => crate::keys::store::redo(&rec),
+        None => TdeError::Internal("malformed WAL record".into()).raise(),
     }
 }
 
@@ -94,11 +136,17 @@ unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
 unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::XLogReaderState) {
     // SAFETY: valid record and StringInfo from pg_waldump / redo debugging.
     let text = match unsafe { record_change(record) } {
-        Some(Change::Init { .. }) => "init".to_string(),
-        Some(Change::AddProvider(p)) => format!("add provider \"{}\" kind {}", p.name, p.kind),
-        Some(Change::SetPrincipal(p)) => format!("set master key \"{}\" of provider \"{}\"", p.key_name, p.provider),
-        Some(Change::AddKey(k)) => format!("add key {} for {}", k.key_id, k.file),
-        Some(Change::RemoveKey { file }) => format!("remove key of {file}"),
+        Some(rec) => {
+            let what = match rec.change {
+                Change::Init { .. } => "init".to_string(),
+                Change::AddProvider(p) => format!("add provider \"{}\" kind {}", p.name, p.kind),
+                Change::SetPrincipal(p) => format!("set master key \"{}\" of provider \"{}\"", p.key_name, p.provider),
+                Change::AddKey(k) => format!("add key {} for {}", k.key_id, k.file),
+                Change::RemoveKey { file } => format!("remove key of {file}"),
+                Change::Checkpoint { .. } => "checkpoint".to_string(),
+            };
+            format!("generation {}: {what}", rec.generation)
+        }
         None => "malformed".to_string(),
     };
     let c = std::ffi::CString::new(text).unwrap_or_default();
