@@ -14,8 +14,10 @@
 //! The region is `mlock`ed and marked `MADV_DONTDUMP`, so unwrapped keys are
 //! neither swapped out nor written into core dumps.
 //!
-//! Layout: a header followed by `nslots` slots, an open-addressing hash table
-//! (linear probing, tombstones) keyed by the relation file.
+//! Layout: a header followed by `nslots` slots.  The table algorithm over
+//! those slots (open addressing, linear probing, tombstones) is tde-core's
+//! `keytable`, tested without a server; this file only finds the memory,
+//! takes the lock and bumps `generation`.
 
 use std::ffi::CStr;
 use std::mem::size_of;
@@ -23,8 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 use tde_core::keystore::FileId;
+use tde_core::keytable::{KeyTable, Slot};
 use tde_core::secret::{TableKey, WrapKey};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 const TRANCHE: &CStr = c"tde";
 const REASON_LEN: usize = 512;
@@ -59,41 +62,7 @@ struct Header {
 
 const STORE_ID_LEN: usize = 64;
 
-const SLOT_FREE: u8 = 0;
-const SLOT_USED: u8 = 1;
-const SLOT_DELETED: u8 = 2;
-
-/// One entry.  Deliberately neither `Clone` nor `Copy`: a slot holds an
-/// unwrapped key, which leaves shared memory only through `find`, into a
-/// zeroizing buffer.
-#[repr(C)]
-struct Slot {
-    state: u8,
-    has_key: u8,
-    file: [u32; 3],
-    key_id: u64,
-    version: u32,
-    created: i64,
-    tek: [u8; 64],
-}
-
-/// Metadata of one key, as the SQL views show it (never the key itself).
-#[derive(Clone, Copy, Debug)]
-pub struct KeyInfo {
-    pub file: FileId,
-    pub key_id: u64,
-    pub version: u32,
-    pub created: i64,
-    pub usable: bool,
-}
-
-/// What a lookup found.
-pub enum Found {
-    NotEncrypted,
-    Key(Zeroizing<[u8; 64]>),
-    /// Encrypted, but the key cannot be used (store locked, bad wrap).
-    Unavailable,
-}
+pub use tde_core::keytable::{Found, KeyInfo, TableFull};
 
 static mut HEADER: *mut Header = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
@@ -201,42 +170,18 @@ pub fn is_attached() -> bool {
     unsafe { !HEADER.is_null() }
 }
 
-fn slots() -> &'static mut [Slot] {
-    let h = header();
-    // SAFETY: the slots follow the header, nslots of them, inside the region
-    // sized by size().
+/// The table over this region's slots.
+fn table() -> KeyTable<'static> {
+    // SAFETY: HEADER points at our region (set in attach(), before any child
+    // was forked); the slots follow the header, nslots of them, inside the
+    // region sized by size().  Callers hold the lock (exclusively to change
+    // anything), which serialises every access to the slots and `used`.
     unsafe {
-        let first = (HEADER as *mut u8).add(size_of::<Header>()) as *mut Slot;
-        std::slice::from_raw_parts_mut(first, h.nslots as usize)
+        let h = HEADER;
+        let first = (h as *mut u8).add(size_of::<Header>()) as *mut Slot;
+        let slots = std::slice::from_raw_parts_mut(first, (*h).nslots as usize);
+        KeyTable::new(slots, &mut (*h).used, (*h).max_keys)
     }
-}
-
-fn hash(f: &FileId) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for v in [f.spc, f.db, f.rel] {
-        h = (h ^ v as u64).wrapping_mul(0x0100_0000_01b3);
-        h ^= h >> 29;
-    }
-    h
-}
-
-fn slot_file(s: &Slot) -> FileId {
-    FileId { spc: s.file[0], db: s.file[1], rel: s.file[2] }
-}
-
-/// Index of the slot holding `f`, if any.
-fn probe(f: &FileId) -> Option<usize> {
-    let slots = slots();
-    let n = slots.len();
-    let mut i = (hash(f) % n as u64) as usize;
-    for _ in 0..n {
-        match slots[i].state {
-            SLOT_FREE => return None,
-            SLOT_USED if slot_file(&slots[i]) == *f => return Some(i),
-            _ => i = (i + 1) % n,
-        }
-    }
-    None
 }
 
 pub fn generation() -> u64 {
@@ -250,102 +195,47 @@ fn bump() {
 /// Looks a relation file up.  Takes the lock in shared mode.
 pub fn find(f: &FileId) -> Found {
     let _g = Guard::new(false);
-    match probe(f) {
-        None => Found::NotEncrypted,
-        Some(i) => {
-            let s = &slots()[i];
-            if s.has_key == 1 {
-                Found::Key(Zeroizing::new(s.tek))
-            } else {
-                Found::Unavailable
-            }
-        }
-    }
+    table().find(f)
 }
 
 /// True if the file has an entry (usable or not).
 pub fn contains(f: &FileId) -> bool {
     let _g = Guard::new(false);
-    probe(f).is_some()
+    table().contains(f)
 }
 
 /// Same as `contains` for a caller that holds the lock.
 pub fn contains_locked(_x: &Exclusive, f: &FileId) -> bool {
-    probe(f).is_some()
+    table().contains(f)
 }
 
 /// How many entries the table can hold (tde.max_relation_keys).
 pub fn capacity(_x: &Exclusive) -> u32 {
-    header().max_keys
+    table().capacity()
 }
 
 /// How many entries are in use.
 pub fn used(_x: &Exclusive) -> u32 {
-    header().used
+    table().used()
 }
-
-/// Error for a full table.
-#[derive(Debug)]
-pub struct TableFull(pub u32);
 
 /// Inserts or replaces an entry.  Caller holds the lock exclusively.
 pub fn insert(_x: &Exclusive, info: &KeyInfo, tek: Option<&TableKey>) -> Result<(), TableFull> {
-    let h = header();
-    let slots = slots();
-    let n = slots.len();
-    let idx = match probe(&info.file) {
-        Some(i) => i,
-        None => {
-            if h.used >= h.max_keys {
-                return Err(TableFull(h.max_keys));
-            }
-            let mut i = (hash(&info.file) % n as u64) as usize;
-            while slots[i].state == SLOT_USED {
-                i = (i + 1) % n;
-            }
-            h.used += 1;
-            i
-        }
-    };
-    let s = &mut slots[idx];
-    s.state = SLOT_USED;
-    s.file = [info.file.spc, info.file.db, info.file.rel];
-    s.key_id = info.key_id;
-    s.version = info.version;
-    s.created = info.created;
-    match tek {
-        Some(k) => {
-            s.tek.copy_from_slice(k.expose());
-            s.has_key = 1;
-        }
-        None => {
-            s.tek.zeroize();
-            s.has_key = 0;
-        }
-    }
+    table().insert(info, tek.map(TableKey::expose))?;
     bump();
     Ok(())
 }
 
 /// Removes an entry if present.  Caller holds the lock exclusively.
 pub fn remove(_x: &Exclusive, f: &FileId) {
-    if let Some(i) = probe(f) {
-        let s = &mut slots()[i];
-        s.tek.zeroize();
-        s.has_key = 0;
-        s.state = SLOT_DELETED;
-        header().used -= 1;
+    if table().remove(f) {
         bump();
     }
 }
 
 /// Empties the table (before a reload).  Caller holds the lock exclusively.
 pub fn clear(_x: &Exclusive) {
-    for s in slots().iter_mut() {
-        s.tek.zeroize();
-        *s = Slot { state: SLOT_FREE, has_key: 0, file: [0; 3], key_id: 0, version: 0, created: 0, tek: [0; 64] };
-    }
-    header().used = 0;
+    table().clear();
     bump();
 }
 
@@ -437,25 +327,11 @@ pub fn kek_locked(_x: &Exclusive) -> Option<WrapKey> {
 /// Metadata of every key (for the SQL views).
 pub fn list() -> Vec<KeyInfo> {
     let _g = Guard::new(false);
-    slots()
-        .iter()
-        .filter(|s| s.state == SLOT_USED)
-        .map(|s| KeyInfo {
-            file: slot_file(s),
-            key_id: s.key_id,
-            version: s.version,
-            created: s.created,
-            usable: s.has_key == 1,
-        })
-        .collect()
+    table().list()
 }
 
 /// The unwrapped key of `f`, for re-wrapping (CREATE DATABASE FILE_COPY).
 pub fn key_of(_x: &Exclusive, f: &FileId) -> Option<TableKey> {
-    let i = probe(f)?;
-    let s = &slots()[i];
-    if s.has_key != 1 {
-        return None;
-    }
-    TableKey::from_bytes(&s.tek).ok()
+    let k = table().key(f)?;
+    TableKey::from_bytes(&k[..]).ok()
 }

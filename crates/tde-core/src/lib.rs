@@ -10,6 +10,8 @@
 //!   see `benches/page_cipher.rs` and `bench-xts.sh`), keyed once per table key.
 //! - [`page`]: the page layout: 16 plaintext header bytes, 8176 encrypted bytes, the tweak
 //!   built from (relation file number, fork, block, page LSN), all-zero pages passed through.
+//! - [`keystore`]: the key store's changes, file format and redo rules; [`keytable`]: the
+//!   shared key table's algorithm over slots in shared memory.
 //! - [`wrap`]: AES-256-GCM key wrapping with associated data (table keys under a
 //!   key-encryption key, key-encryption keys under a master key).
 //!
@@ -19,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 pub mod keystore;
+pub mod keytable;
 pub mod page;
 pub mod provider;
 pub mod secret;
