@@ -29,6 +29,7 @@ struct Routines {
 }
 // SAFETY: immutable after initialisation; PostgreSQL processes are single-threaded.
 unsafe impl Sync for Routines {}
+// SAFETY: as above: never mutated after initialisation.
 unsafe impl Send for Routines {}
 
 static ROUTINES: OnceLock<Routines> = OnceLock::new();
@@ -64,6 +65,7 @@ unsafe extern "C-unwind" fn set_new_filelocator(
 unsafe extern "C-unwind" fn copy_data(rel: pg_sys::Relation, newrlocator: *const pg_sys::RelFileLocator) {
     // SAFETY: rel and newrlocator are valid for the call.
     let persistence = unsafe { (*(*rel).rd_rel).relpersistence };
+    // SAFETY: newrlocator is valid for the call (table AM contract).
     keys::create_key(unsafe { &*newrlocator }, persistence as u8).or_raise();
     let heap = routines().heap.relation_copy_data.expect("heap callback");
     // SAFETY: heap's own callback with the arguments we were given.

@@ -60,13 +60,14 @@ fn sequence_owner(seqid: pg_sys::Oid) -> Option<pg_sys::Oid> {
 /// Whether a new file of relation `rel` should be encrypted; `None` when the
 /// relation's kind does not decide (fall back to the source file).
 unsafe fn decide_for_relation(rel: pg_sys::Relation) -> Option<bool> {
-    // SAFETY (caller): rel is a valid relcache entry.
+    // SAFETY: rel is a valid relcache entry (caller); rd_rel is its pg_class row.
     let form = unsafe { &*(*rel).rd_rel };
     match form.relkind as u8 {
         k if k == pg_sys::RELKIND_INDEX => {
             // SAFETY: rd_index is NULL or the index's pg_index row.
             let index = unsafe { (*rel).rd_index };
             // A brand-new index has no rd_index yet: object_access decides.
+            // SAFETY: index is non-NULL here and points at the pg_index row.
             (!index.is_null()).then(|| uses_tde_heap(unsafe { (*index).indrelid }))
         }
         k if k == pg_sys::RELKIND_SEQUENCE => {
@@ -86,11 +87,13 @@ unsafe extern "C-unwind" fn create_storage(
 ) {
     // SAFETY: chaining to the previous hook with our own arguments.
     if let Some(prev) = unsafe { PREV_CREATE_STORAGE } {
+        // SAFETY: the hook that was installed before ours, with our own arguments.
         unsafe { prev(rlocator, persistence, rel, source) };
     }
     let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP;
     // SAFETY: rel is NULL or valid; source is NULL or valid (core patch).
     let decided = if rel.is_null() { None } else { unsafe { decide_for_relation(rel) } };
+    // SAFETY: source is non-NULL (checked) and valid for the call (core patch).
     let encrypt = decided.unwrap_or_else(|| !source.is_null() && keys::is_encrypted(unsafe { &*source }, temp));
     if encrypt {
         keys::create_key(&rlocator, persistence as u8).or_raise();
@@ -157,7 +160,7 @@ unsafe fn refuse_decrypting_set_access_method(stmt: *mut pg_sys::AlterTableStmt)
     if !gucs::ENFORCE_ENCRYPTION.get() {
         return;
     }
-    // SAFETY (caller): stmt is a valid AlterTableStmt; its cmds are AlterTableCmd nodes.
+    // SAFETY: the statement's list of AlterTableCmd nodes (caller: a valid AlterTableStmt).
     let cmds = unsafe { PgList::<pg_sys::AlterTableCmd>::from_pg((*stmt).cmds) };
     for cmd in cmds.iter_ptr() {
         // SAFETY: a list cell of an AlterTableStmt.
@@ -190,7 +193,9 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
         let f = &*(*rel).rd_rel;
         (f.relkind as u8, f.relpersistence as u8, (*rel).rd_locator, f.relam, f.relnamespace)
     };
+    // SAFETY: rel is still pinned; relname is a NUL-terminated NameData.
     let name = unsafe { CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()) }.to_string_lossy().into_owned();
+    // SAFETY: releases the reference taken by RelationIdGetRelation above.
     unsafe { pg_sys::RelationClose(rel) };
 
     let temp = persistence == pg_sys::RELPERSISTENCE_TEMP;
@@ -225,6 +230,7 @@ unsafe extern "C-unwind" fn object_access(
 ) {
     // SAFETY: chaining to the previous hook with our own arguments.
     if let Some(prev) = unsafe { PREV_OBJECT_ACCESS } {
+        // SAFETY: the hook that was installed before ours, with our own arguments.
         unsafe { prev(access, class_id, object_id, sub_id, arg) };
     }
     if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && class_id == pg_sys::RelationRelationId && sub_id == 0 {
@@ -272,7 +278,7 @@ fn default_tablespace(db: pg_sys::Oid) -> Option<u32> {
 
 /// The template named in CREATE DATABASE's options (default template1).
 unsafe fn createdb_template(stmt: *mut pg_sys::CreatedbStmt) -> Option<pg_sys::Oid> {
-    // SAFETY (caller): stmt is a valid CreatedbStmt.
+    // SAFETY: the statement's list of DefElem options (caller: a valid CreatedbStmt).
     let options = unsafe { PgList::<pg_sys::DefElem>::from_pg((*stmt).options) };
     for opt in options.iter_ptr() {
         // SAFETY: list cells are DefElem nodes.
@@ -289,13 +295,14 @@ unsafe fn createdb_template(stmt: *mut pg_sys::CreatedbStmt) -> Option<pg_sys::O
 /// locations, where their keys would not be found.  Until keys move with
 /// them, refuse it for databases that hold encrypted relations.
 unsafe fn refuse_moving_encrypted_database(stmt: *mut pg_sys::AlterDatabaseStmt) {
-    // SAFETY (caller): stmt is a valid AlterDatabaseStmt.
+    // SAFETY: the statement's list of DefElem options (caller: a valid AlterDatabaseStmt).
     let options = unsafe { PgList::<pg_sys::DefElem>::from_pg((*stmt).options) };
     // SAFETY: list cells are DefElem nodes with a NUL-terminated defname.
     let moves = options.iter_ptr().any(|opt| unsafe { CStr::from_ptr((*opt).defname) } == c"tablespace");
     if !moves {
         return;
     }
+    // SAFETY: dbname of a valid AlterDatabaseStmt: a NUL-terminated string.
     let Some(db) = database_oid(unsafe { (*stmt).dbname }) else { return };
     let db = u32::from(db);
     if keys::shmem::list().iter().any(|k| k.file.db == db) {
@@ -317,6 +324,7 @@ unsafe extern "C-unwind" fn utility(
 ) {
     // SAFETY: pstmt is the statement being executed.
     let node = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: utilityStmt of a utility PlannedStmt is a valid Node.
     let tag = unsafe { (*node).type_ };
 
     if tag == pg_sys::NodeTag::T_AlterTableStmt {
@@ -330,6 +338,7 @@ unsafe extern "C-unwind" fn utility(
 
     // What must be known before the statement runs.
     let dropped_db = if tag == pg_sys::NodeTag::T_DropdbStmt {
+        // SAFETY: node is a DropdbStmt (tag checked).
         database_oid(unsafe { (*(node as *mut pg_sys::DropdbStmt)).dbname })
     } else {
         None
@@ -358,12 +367,15 @@ unsafe extern "C-unwind" fn utility(
     match tag {
         pg_sys::NodeTag::T_CreateSeqStmt | pg_sys::NodeTag::T_AlterSeqStmt => {
             let rv = if tag == pg_sys::NodeTag::T_CreateSeqStmt {
+                // SAFETY: node is a CreateSeqStmt (tag checked).
                 unsafe { (*(node as *mut pg_sys::CreateSeqStmt)).sequence }
             } else {
+                // SAFETY: node is an AlterSeqStmt (tag checked).
                 unsafe { (*(node as *mut pg_sys::AlterSeqStmt)).sequence }
             };
             // SAFETY: make the new OWNED BY dependency visible, then look up.
             unsafe { pg_sys::CommandCounterIncrement() };
+            // SAFETY: a name lookup with RVR_MISSING_OK inside the statement's transaction.
             let seqid = unsafe {
                 pg_sys::RangeVarGetRelidExtended(
                     rv,
@@ -378,8 +390,11 @@ unsafe extern "C-unwind" fn utility(
             }
         }
         pg_sys::NodeTag::T_AlterTableStmt => {
+            // SAFETY: node is an AlterTableStmt (tag checked).
             let rv = unsafe { (*(node as *mut pg_sys::AlterTableStmt)).relation };
+            // SAFETY: makes the statement's catalog changes visible; we are in its transaction.
             unsafe { pg_sys::CommandCounterIncrement() };
+            // SAFETY: a name lookup with RVR_MISSING_OK inside the statement's transaction.
             let relid = unsafe {
                 pg_sys::RangeVarGetRelidExtended(
                     rv,
@@ -401,7 +416,9 @@ unsafe extern "C-unwind" fn utility(
         }
         pg_sys::NodeTag::T_CreatedbStmt => {
             let stmt = node as *mut pg_sys::CreatedbStmt;
+            // SAFETY: node is a CreatedbStmt (tag checked); dbname is a NUL-terminated string.
             let dst = database_oid(unsafe { (*stmt).dbname });
+            // SAFETY: stmt is a valid CreatedbStmt.
             let src = unsafe { createdb_template(stmt) };
             if let (Some(src), Some(dst)) = (src, dst) {
                 if let (Some(src_spc), Some(dst_spc)) = (default_tablespace(src), default_tablespace(dst)) {
@@ -411,6 +428,7 @@ unsafe extern "C-unwind" fn utility(
         }
         pg_sys::NodeTag::T_DropdbStmt => {
             if let Some(db) = dropped_db {
+                // SAFETY: node is a DropdbStmt (tag checked).
                 if database_oid(unsafe { (*(node as *mut pg_sys::DropdbStmt)).dbname }).is_none() {
                     keys::forget_database(db.into());
                 }

@@ -10,6 +10,9 @@
 //! manager, shared memory and a WAL resource manager, all of which exist only
 //! when set up in the postmaster before any backend starts.
 
+// Every unsafe block says why it is sound (checked by the lint layer).
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use pgrx::prelude::*;
 
 mod am;
@@ -54,6 +57,7 @@ static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 unsafe extern "C-unwind" fn shmem_request() {
     // SAFETY: chaining to the previous hook.
     if let Some(prev) = unsafe { PREV_SHMEM_REQUEST } {
+        // SAFETY: the hook that was installed before ours, called as PostgreSQL would.
         unsafe { prev() };
     }
     keys::shmem::request(gucs::max_relation_keys());
@@ -63,6 +67,7 @@ unsafe extern "C-unwind" fn shmem_request() {
 unsafe extern "C-unwind" fn shmem_startup() {
     // SAFETY: chaining to the previous hook.
     if let Some(prev) = unsafe { PREV_SHMEM_STARTUP } {
+        // SAFETY: the hook that was installed before ours, called as PostgreSQL would.
         unsafe { prev() };
     }
     // Every preloaded library has run its _PG_init by now.

@@ -132,7 +132,7 @@ struct Target {
 }
 
 unsafe fn target(reln: SMgrRelation) -> Target {
-    // SAFETY (caller): reln is a valid SMgrRelation from smgr.c.
+    // SAFETY: reln is a valid SMgrRelation from smgr.c (caller).
     let rel = unsafe { (*reln).smgr_rlocator };
     Target { file: keys::file_id(&rel.locator), temp: rel.backend != pg_sys::INVALID_PROC_NUMBER }
 }

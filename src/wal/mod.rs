@@ -97,6 +97,7 @@ pub fn log_records(records: &[Record]) {
 unsafe extern "C-unwind" fn checkpoint(redo: pg_sys::XLogRecPtr, flags: std::ffi::c_int) {
     // SAFETY: chaining to the previous hook with our own arguments.
     if let Some(prev) = unsafe { PREV_CHECKPOINT } {
+        // SAFETY: the hook that was installed before ours, with our own arguments.
         unsafe { prev(redo, flags) };
     }
     let no_wal = (pg_sys::CHECKPOINT_IS_SHUTDOWN | pg_sys::CHECKPOINT_END_OF_RECOVERY) as std::ffi::c_int;
@@ -111,9 +112,10 @@ unsafe extern "C-unwind" fn checkpoint(redo: pg_sys::XLogRecPtr, flags: std::ffi
 
 /// The record carried by a WAL record of ours.
 unsafe fn record_change(record: *mut pg_sys::XLogReaderState) -> Option<Record> {
-    // SAFETY (caller): `record` is the decoded record PostgreSQL hands to
-    // redo/desc; main_data holds main_data_len bytes.
+    // SAFETY: `record` is the decoded record PostgreSQL hands to redo/desc
+    // (caller); main_data holds main_data_len bytes.
     let decoded = unsafe { (*record).record };
+    // SAFETY: its `record` field is the decoded record, valid for this call.
     let (ptr, len) = unsafe { ((*decoded).main_data, (*decoded).main_data_len as usize) };
     if ptr.is_null() || len == 0 {
         return None; // from_raw_parts must not see NULL
