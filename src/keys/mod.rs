@@ -62,34 +62,28 @@ pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), T
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
-    install_keys(&[(file, tek)])
+    install_keys(vec![(file, tek)])
 }
 
 /// Records each `tek` as the key of its file (new keys, or copies of
 /// existing ones), in one key store change.
-fn install_keys(keys: &[(FileId, TableKey)]) -> Result<(), TdeError> {
+fn install_keys(keys: Vec<(FileId, TableKey)>) -> Result<(), TdeError> {
     if keys.is_empty() {
         return Ok(());
     }
-    let secrets: Vec<Secret<'_>> = keys.iter().map(|(_, tek)| Secret::TableKey(tek)).collect();
-    store::commit(
-        |ks, x| {
-            let kek = match shmem::kek_locked(x) {
-                Some(k) => k,
-                None => {
-                    return Err(match shmem::state_locked(x) {
-                        (shmem::StoreState::Locked, why) => TdeError::Locked(why),
-                        _ => TdeError::NoMasterKey,
-                    })
-                }
-            };
-            keys.iter()
-                .zip(ks.next_key_id..)
-                .map(|((file, tek), key_id)| Ok(Change::AddKey(wrap_entry(&ks.store_id, &kek, *file, key_id, tek)?)))
-                .collect()
-        },
-        &secrets,
-    )
+    store::commit(|ks| {
+        let kek = shmem::kek().ok_or_else(|| match shmem::state() {
+            (shmem::StoreState::Locked, why) => TdeError::Locked(why),
+            _ => TdeError::NoMasterKey,
+        })?;
+        keys.into_iter()
+            .zip(ks.next_key_id..)
+            .map(|((file, tek), key_id)| {
+                let entry = wrap_entry(&ks.store_id, &kek, file, key_id, &tek)?;
+                Ok((Change::AddKey(entry), Secret::TableKey(tek)))
+            })
+            .collect()
+    })
 }
 
 /// Whether `loc` (a temp relation's if `temp`) has a key.
@@ -145,8 +139,9 @@ pub fn copy_database_keys(
             .ok_or_else(|| TdeError::Locked(format!("the key of relation file {src} is not available")))?;
         copies.push((dst, tek));
     }
-    install_keys(&copies)?;
-    Ok(copies.len())
+    let n = copies.len();
+    install_keys(copies)?;
+    Ok(n)
 }
 
 /// Forgets every key of a dropped database.  DROP DATABASE removes its
@@ -159,7 +154,7 @@ pub fn forget_database(db: u32) {
     if files.is_empty() {
         return;
     }
-    let logged = store::commit(|_, _| Ok(files.iter().map(|f| Change::RemoveKey { file: *f }).collect()), &[]);
+    let logged = store::commit(|_| Ok(files.iter().map(|f| (Change::RemoveKey { file: *f }, Secret::None)).collect()));
     if let Err(e) = logged {
         pgrx::warning!("tde: could not log the removal of {} key(s) of dropped database {db}: {e}", files.len());
         store::remove_quietly(&files);
@@ -173,21 +168,19 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
     }
     provider::from_config(kind, &options)?;
     let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
-    store::commit(
-        |ks, _| match ks.provider(name) {
-            Some(p) if *p != entry => {
-                Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string())))
-            }
-            _ => Ok(vec![Change::AddProvider(entry)]),
-        },
-        &[],
-    )
+    store::commit(|ks| match ks.provider(name) {
+        Some(p) if *p != entry => {
+            Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string())))
+        }
+        _ => Ok(vec![(Change::AddProvider(entry), Secret::None)]),
+    })
 }
 
 /// tde_set_master_key(): makes `key_name` of `provider_name` the master key,
 /// creating it if the provider can.  The first call creates the KEK; later
 /// calls re-wrap the same KEK (master-key rotation: one provider call, no
-/// table key changes).
+/// table key changes).  The KEK is chosen under the store lock, so two
+/// concurrent first calls cannot make two KEKs.
 pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeError> {
     if key_name.is_empty() || key_name.len() > 255 {
         return Err(TdeError::Invalid("key name must be 1 to 255 characters".into()));
@@ -198,21 +191,21 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
         .and_then(|ks| ks.provider(provider_name).cloned())
         .ok_or_else(|| TdeError::UnknownProvider(provider_name.to_string()))?;
     let prov = provider::from_config(&entry.kind, &entry.options)?;
-    prov.ensure_key(key_name)?;
-    let kek = match (shmem::state().0, shmem::kek()) {
-        (_, Some(k)) => k,
-        (shmem::StoreState::Locked, None) => return Err(TdeError::Locked(shmem::state().1)),
-        (_, None) => WrapKey::generate().map_err(|_| TdeError::Crypto)?,
-    };
-    store::commit(
-        |ks, _| {
-            let wrapped = prov.wrap(key_name, &kek, &kek_aad(&ks.store_id, provider_name, key_name))?;
-            Ok(vec![Change::SetPrincipal(Principal {
-                provider: provider_name.to_string(),
-                key_name: key_name.to_string(),
-                wrapped_kek: B64.encode(wrapped),
-            })])
-        },
-        &[Secret::Kek(&kek)],
-    )
+    store::commit(|ks| {
+        // Provider calls happen here: under the store lock, which serialises
+        // key store changes, but not the table lock that lookups need.
+        prov.ensure_key(key_name)?;
+        let kek = match (shmem::state().0, shmem::kek()) {
+            (_, Some(k)) => k,
+            (shmem::StoreState::Locked, None) => return Err(TdeError::Locked(shmem::state().1)),
+            (_, None) => WrapKey::generate().map_err(|_| TdeError::Crypto)?,
+        };
+        let wrapped = prov.wrap(key_name, &kek, &kek_aad(&ks.store_id, provider_name, key_name))?;
+        let principal = Principal {
+            provider: provider_name.to_string(),
+            key_name: key_name.to_string(),
+            wrapped_kek: B64.encode(wrapped),
+        };
+        Ok(vec![(Change::SetPrincipal(principal), Secret::Kek(kek))])
+    })
 }

@@ -6,10 +6,21 @@
 //! connection.  The postmaster loads the key store into this table at start;
 //! changes (new keys, drops, redo) update it under the lock.
 //!
-//! Locking: one LWLock (named tranche "tde") protects every field except
-//! `generation`, which is atomic so that backends can check their private
-//! cipher caches (keys/local.rs) without taking the lock.  Writers bump
-//! `generation` after each change, while holding the lock exclusively.
+//! Locking: two LWLocks of the named tranche "tde".
+//!
+//! - The *table lock* protects every field of the region except
+//!   `generation`.  Lookups take it shared; updates take it exclusively, and
+//!   only for the few instructions that change the table -- never across
+//!   WAL flushes, fsyncs or provider calls, so a slow disk or KMS does not
+//!   stall the lookups of every process.
+//! - The *store lock* serialises changes to the key store (keys/store.rs):
+//!   it is held, exclusively, from reading the key store file to updating
+//!   the table, so the file, the WAL and the table change in one order.
+//!   Order: store lock, then table lock; never the other way.
+//!
+//! `generation` is atomic so that backends can check their private cipher
+//! caches (keys/local.rs) without any lock; writers bump it after each
+//! change, holding the table lock exclusively.
 //!
 //! The region is `mlock`ed and marked `MADV_DONTDUMP`, so unwrapped keys are
 //! neither swapped out nor written into core dumps.
@@ -66,6 +77,7 @@ pub use tde_core::keytable::{Found, KeyInfo, TableFull};
 
 static mut HEADER: *mut Header = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+static mut STORE_LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
 
 fn nslots_for(max_keys: u32) -> u32 {
     max_keys.saturating_mul(2).max(16)
@@ -82,7 +94,7 @@ pub fn request(max_keys: u32) {
     // requests are allowed.
     unsafe {
         pg_sys::RequestAddinShmemSpace(size(max_keys));
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 2);
     }
 }
 
@@ -98,7 +110,9 @@ pub fn attach(max_keys: u32) -> bool {
         let addin_lock = crate::pg::addin_shmem_init_lock();
         pg_sys::LWLockAcquire(addin_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let ptr = pg_sys::ShmemInitStruct(c"tde key table".as_ptr(), bytes, &mut found) as *mut Header;
-        LOCK = &mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
+        let locks = pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr());
+        LOCK = &raw mut (*locks).lock;
+        STORE_LOCK = &raw mut (*locks.add(1)).lock;
         if !found {
             std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
             (*ptr).nslots = nslots_for(max_keys);
@@ -129,34 +143,51 @@ unsafe fn protect_region(ptr: *mut u8, len: usize) {
     }
 }
 
-/// A held lock on the table; released on drop (and by PostgreSQL on error).
-struct Guard;
+/// A held LWLock; released on drop (and by PostgreSQL on error).
+struct Guard(*mut pg_sys::LWLock);
 
 impl Guard {
-    fn new(exclusive: bool) -> Guard {
+    fn acquire(lock: *mut pg_sys::LWLock, exclusive: bool) -> Guard {
         let mode = if exclusive { pg_sys::LWLockMode::LW_EXCLUSIVE } else { pg_sys::LWLockMode::LW_SHARED };
-        // SAFETY: LOCK was set in attach(), before any process could call us.
-        unsafe { pg_sys::LWLockAcquire(LOCK, mode) };
-        Guard
+        // SAFETY: the locks were set in attach(), before any process could call us.
+        unsafe { pg_sys::LWLockAcquire(lock, mode) };
+        Guard(lock)
+    }
+
+    fn new(exclusive: bool) -> Guard {
+        // SAFETY: plain read of a pointer set once in attach().
+        Guard::acquire(unsafe { LOCK }, exclusive)
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        // SAFETY: we acquired it in new().  pgrx turns a PostgreSQL ERROR
+        // SAFETY: we acquired it in acquire().  pgrx turns a PostgreSQL ERROR
         // into a Rust unwind, so this runs before the transaction abort's
         // LWLockReleaseAll and releases the lock exactly once.
-        unsafe { pg_sys::LWLockRelease(LOCK) };
+        unsafe { pg_sys::LWLockRelease(self.0) };
     }
 }
 
-/// Holds the lock exclusively for a multi-step update (key store file and
-/// table together).  See `with_exclusive`.
+/// Holds the table lock exclusively, for a short update of the table.
+/// See `with_exclusive`.
 pub struct Exclusive(#[allow(dead_code)] Guard);
 
 pub fn with_exclusive<R>(f: impl FnOnce(&Exclusive) -> R) -> R {
     let x = Exclusive(Guard::new(true));
     f(&x)
+}
+
+/// Holds the store lock: changes to the key store are made one at a time.
+/// See `with_store_lock`.
+pub struct StoreLock(#[allow(dead_code)] Guard);
+
+/// Runs `f` with the store lock held exclusively.  `f` may take the table
+/// lock (`with_exclusive`) inside, never the other way round.
+pub fn with_store_lock<R>(f: impl FnOnce(&StoreLock) -> R) -> R {
+    // SAFETY: plain read of a pointer set once in attach().
+    let s = StoreLock(Guard::acquire(unsafe { STORE_LOCK }, true));
+    f(&s)
 }
 
 fn header() -> &'static mut Header {
@@ -204,18 +235,21 @@ pub fn contains(f: &FileId) -> bool {
     table().contains(f)
 }
 
-/// Same as `contains` for a caller that holds the lock.
-pub fn contains_locked(_x: &Exclusive, f: &FileId) -> bool {
-    table().contains(f)
-}
-
 /// How many entries the table can hold (tde.max_relation_keys).
-pub fn capacity(_x: &Exclusive) -> u32 {
+pub fn capacity() -> u32 {
+    let _g = Guard::new(false);
     table().capacity()
 }
 
-/// How many entries are in use.
-pub fn used(_x: &Exclusive) -> u32 {
+/// Same as `capacity` for a caller that holds the table lock.
+pub fn capacity_locked(_x: &Exclusive) -> u32 {
+    table().capacity()
+}
+
+/// How many entries are in use (stable while the store lock is held: the
+/// table changes only under it).
+pub fn used() -> u32 {
+    let _g = Guard::new(false);
     table().used()
 }
 
@@ -286,11 +320,6 @@ pub fn store_version() -> (u64, String) {
 /// The state and, when locked, why.
 pub fn state() -> (StoreState, String) {
     let _g = Guard::new(false);
-    state_inner()
-}
-
-/// Same as `state` for a caller that already holds the lock.
-pub fn state_locked(_x: &Exclusive) -> (StoreState, String) {
     state_inner()
 }
 

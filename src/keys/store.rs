@@ -1,6 +1,7 @@
 //! Keeps `$PGDATA/tde/keystore`, the WAL and the shared key table in step.
 //!
-//! Every change follows one path, under the key table's exclusive lock:
+//! Every change follows one path, under the store lock (keys/shmem.rs), with
+//! the table lock taken only for step 4:
 //!
 //! 1. read the key store file and apply the change in memory (validation,
 //!    and the capacity check: nothing is logged that cannot be applied);
@@ -83,7 +84,7 @@ fn unwrap_entry(ks: &KeyStore, kek: &WrapKey, e: &KeyEntry) -> Option<TableKey> 
 /// than the table holds is refused before anything changes: a key left out
 /// would make its file look plain.
 fn fill(x: &Exclusive, ks: &KeyStore) -> Result<(), TdeError> {
-    let capacity = shmem::capacity(x);
+    let capacity = shmem::capacity_locked(x);
     if ks.keys.len() > capacity as usize {
         return Err(TdeError::StoreTooLarge { keys: ks.keys.len(), capacity });
     }
@@ -150,26 +151,26 @@ fn random_store_id() -> Result<String, TdeError> {
     Ok(k.expose()[..16].iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// What a change brings along that must not be in the WAL or the file.
-pub enum Secret<'a> {
+/// What a change brings along that must not be in the WAL or the file: it
+/// goes only into the shared table.
+pub enum Secret {
     None,
-    TableKey(&'a TableKey),
-    Kek(&'a WrapKey),
+    TableKey(TableKey),
+    Kek(WrapKey),
 }
 
 /// Makes a batch of changes durable: WAL, file (rewritten once) and shared
-/// table.  `build` sees the current store and returns the changes (so it can
-/// pick key ids); `secrets[i]` goes with change `i` (missing = none).
-pub fn commit(
-    build: impl FnOnce(&KeyStore, &Exclusive) -> Result<Vec<Change>, TdeError>,
-    secrets: &[Secret<'_>],
-) -> Result<(), TdeError> {
+/// table, in that order, one batch at a time (the store lock).  `build` sees
+/// the current store and returns the changes (so it can pick key ids), each
+/// with the secret that goes with it.  It runs under the store lock but not
+/// the table lock, so it may call a key provider without stalling lookups.
+pub fn commit(build: impl FnOnce(&KeyStore) -> Result<Vec<(Change, Secret)>, TdeError>) -> Result<(), TdeError> {
     // SAFETY: plain call; true on a standby or during crash recovery.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Err(TdeError::InRecovery);
     }
     ensure_dir()?;
-    shmem::with_exclusive(|x| {
+    shmem::with_store_lock(|_s| {
         let mut ks = match KeyStore::load(&path())? {
             Some(ks) => ks,
             None => {
@@ -180,11 +181,11 @@ pub fn commit(
                 let mut ks = KeyStore::new(store_id.clone());
                 ks.generation = 1;
                 log_and_save(&ks, &[Record { generation: 1, change: Change::Init { store_id } }]);
-                shmem::set_store_version(x, ks.generation, &ks.store_id);
+                shmem::with_exclusive(|x| shmem::set_store_version(x, ks.generation, &ks.store_id));
                 ks
             }
         };
-        let changes = build(&ks, x)?;
+        let (changes, secrets): (Vec<Change>, Vec<Secret>) = build(&ks)?.into_iter().unzip();
         let first = ks.generation + 1;
         let records: Vec<Record> =
             changes.into_iter().zip(first..).map(|(change, generation)| Record { generation, change }).collect();
@@ -192,25 +193,32 @@ pub fn commit(
             ks.apply(&r.change)?;
             ks.generation = r.generation;
         }
-        let changes: Vec<&Change> = records.iter().map(|r| &r.change).collect();
         // Refuse before anything is logged: a key that is in the WAL and the
-        // file but not in the table would leave an orphan, or worse.
+        // file but not in the table would leave an orphan, or worse.  The
+        // table changes only under the store lock, so the count is stable.
         let new_files =
-            changes.iter().filter(|c| matches!(c, Change::AddKey(e) if !shmem::contains_locked(x, &e.file))).count();
-        if shmem::used(x) as usize + new_files > shmem::capacity(x) as usize {
-            return Err(TdeError::TableFull(shmem::capacity(x)));
+            records.iter().filter(|r| matches!(&r.change, Change::AddKey(e) if !shmem::contains(&e.file))).count();
+        if shmem::used() as usize + new_files > shmem::capacity() as usize {
+            return Err(TdeError::TableFull(shmem::capacity()));
         }
         log_and_save(&ks, &records);
-        shmem::set_store_version(x, ks.generation, &ks.store_id);
-        for (i, change) in changes.into_iter().enumerate() {
-            match (change, secrets.get(i).unwrap_or(&Secret::None)) {
-                (Change::AddKey(e), Secret::TableKey(tek)) => {
-                    shmem::insert(x, &info_of(e), Some(tek)).map_err(|f| TdeError::TableFull(f.0))?
+        shmem::with_exclusive(|x| {
+            shmem::set_store_version(x, ks.generation, &ks.store_id);
+            for (r, secret) in records.iter().zip(secrets) {
+                match (&r.change, secret) {
+                    (Change::AddKey(e), Secret::TableKey(tek)) => {
+                        // Checked above; if it failed anyway, the file would
+                        // have a key the table lacks, and look plain: restart
+                        // and reload the table from the store.
+                        if let Err(f) = shmem::insert(x, &info_of(e), Some(&tek)) {
+                            TdeError::TableFull(f.0).raise_at(pgrx::PgLogLevel::PANIC);
+                        }
+                    }
+                    (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, &kek),
+                    (change, _) => apply_to_table(x, &ks, change),
                 }
-                (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, kek),
-                (change, _) => apply_to_table(x, &ks, change),
             }
-        }
+        });
         Ok(())
     })
 }
@@ -301,7 +309,7 @@ pub fn redo(rec: &Record) {
         e.raise();
     }
     let p = path();
-    shmem::with_exclusive(|x| {
+    shmem::with_store_lock(|_s| {
         let loaded = match KeyStore::load(&p) {
             Ok(ks) => ks,
             Err(e) => TdeError::from(e).raise(),
@@ -342,8 +350,10 @@ pub fn redo(rec: &Record) {
                 if let Err(e) = ks.save(&p) {
                     TdeError::from(e).raise();
                 }
-                shmem::set_store_version(x, ks.generation, &ks.store_id);
-                apply_to_table(x, &ks, &rec.change);
+                shmem::with_exclusive(|x| {
+                    shmem::set_store_version(x, ks.generation, &ks.store_id);
+                    apply_to_table(x, &ks, &rec.change);
+                });
             }
         }
     })
@@ -360,7 +370,7 @@ pub fn remove_quietly(files: &[FileId]) {
     if files.is_empty() {
         return;
     }
-    shmem::with_exclusive(|x| {
+    shmem::with_store_lock(|_s| {
         let result = (|| -> Result<(), TdeError> {
             if let Some(mut ks) = KeyStore::load(&path())? {
                 for file in &files {
@@ -370,9 +380,11 @@ pub fn remove_quietly(files: &[FileId]) {
             }
             Ok(())
         })();
-        for file in &files {
-            shmem::remove(x, file);
-        }
+        shmem::with_exclusive(|x| {
+            for file in &files {
+                shmem::remove(x, file);
+            }
+        });
         if let Err(e) = result {
             pgrx::warning!("tde: could not remove the keys of {} dropped file(s): {e}", files.len());
         }
