@@ -1,9 +1,10 @@
-//! Deciding whether a new relation file is encrypted, outside the table AM.
-//!
-//! The rule: a table is encrypted iff it uses tde_heap; an index iff its
-//! table is; an owned sequence iff its owner is; a copy of an encrypted file
-//! is encrypted.  The decisions are made from the catalog and the core
-//! patch's hook arguments, never from guesses about what the backend is doing.
+//! Adapters that gather, from the catalog and the core patch's hook
+//! arguments, the inputs of the encryption policy for new relation files
+//! outside the table AM.  The rule itself (a table is encrypted iff it uses
+//! tde_heap; an index iff its table is; an owned sequence iff its owner is;
+//! a copy of an encrypted file is encrypted) is tde-core's `policy`, tested
+//! without a server.  Nothing is decided from guesses about what the
+//! backend is doing.
 //!
 //! - `RelationCreateStorage_hook` (core patch): before any index or sequence
 //!   file is created by REINDEX, TRUNCATE, VACUUM FULL, CLUSTER, SET
@@ -22,6 +23,8 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
+
+use tde_core::policy::{self, Created, Decision, Kind, NewFile};
 
 use crate::am::{tde_heap_oid, uses_tde_heap};
 use crate::error::{OrRaise, TdeError};
@@ -57,24 +60,23 @@ fn sequence_owner(seqid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     None
 }
 
-/// Whether a new file of relation `rel` should be encrypted; `None` when the
-/// relation's kind does not decide (fall back to the source file).
-unsafe fn decide_for_relation(rel: pg_sys::Relation) -> Option<bool> {
+/// The policy's view of relation `rel` (tde-core's `policy::Kind`).
+unsafe fn kind_of(rel: pg_sys::Relation) -> Kind {
     // SAFETY: rel is a valid relcache entry (caller); rd_rel is its pg_class row.
     let form = unsafe { &*(*rel).rd_rel };
     match form.relkind as u8 {
         k if k == pg_sys::RELKIND_INDEX => {
             // SAFETY: rd_index is NULL or the index's pg_index row.
             let index = unsafe { (*rel).rd_index };
-            // A brand-new index has no rd_index yet: object_access decides.
+            // A brand-new index has no rd_index yet: the policy says "later".
             // SAFETY: index is non-NULL here and points at the pg_index row.
-            (!index.is_null()).then(|| uses_tde_heap(unsafe { (*index).indrelid }))
+            Kind::Index { table_tde_heap: (!index.is_null()).then(|| uses_tde_heap(unsafe { (*index).indrelid })) }
         }
         k if k == pg_sys::RELKIND_SEQUENCE => {
             // SAFETY: rel is valid.
-            sequence_owner(unsafe { (*rel).rd_id }).map(uses_tde_heap)
+            Kind::Sequence { owner_tde_heap: sequence_owner(unsafe { (*rel).rd_id }).map(uses_tde_heap) }
         }
-        _ => None,
+        _ => Kind::Other,
     }
 }
 
@@ -91,11 +93,11 @@ unsafe extern "C-unwind" fn create_storage(
         unsafe { prev(rlocator, persistence, rel, source) };
     }
     let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP;
-    // SAFETY: rel is NULL or valid; source is NULL or valid (core patch).
-    let decided = if rel.is_null() { None } else { unsafe { decide_for_relation(rel) } };
+    // SAFETY: rel is NULL or valid (core patch).
+    let kind = if rel.is_null() { Kind::Other } else { unsafe { kind_of(rel) } };
     // SAFETY: source is non-NULL (checked) and valid for the call (core patch).
-    let encrypt = decided.unwrap_or_else(|| !source.is_null() && keys::is_encrypted(unsafe { &*source }, temp));
-    if encrypt {
+    let source_encrypted = (!source.is_null()).then(|| keys::is_encrypted(unsafe { &*source }, temp));
+    if policy::decide(&NewFile { kind, source_encrypted }) == Decision::Encrypt {
         keys::create_key(&rlocator, persistence as u8).or_raise();
     }
 }
@@ -176,7 +178,7 @@ unsafe fn refuse_decrypting_set_access_method(stmt: *mut pg_sys::AlterTableStmt)
             // SAFETY: a NUL-terminated identifier from the parser.
             unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
         };
-        if target != "tde_heap" {
+        if !policy::set_access_method_allowed(&target) {
             TdeError::Enforced(format!("SET ACCESS METHOD {target} would store the table unencrypted")).raise();
         }
     }
@@ -200,23 +202,22 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
 
     let temp = persistence == pg_sys::RELPERSISTENCE_TEMP;
     if relkind == pg_sys::RELKIND_INDEX && !keys::is_encrypted(&locator, temp) {
-        if let Some(table) = new_index_table(relid) {
-            if uses_tde_heap(table) {
-                keys::create_key(&locator, persistence).or_raise();
-            }
+        let kind = Kind::Index { table_tde_heap: new_index_table(relid).map(uses_tde_heap) };
+        if policy::decide(&NewFile { kind, source_encrypted: None }) == Decision::Encrypt {
+            keys::create_key(&locator, persistence).or_raise();
         }
     }
 
     let user_table = relkind == pg_sys::RELKIND_RELATION || relkind == pg_sys::RELKIND_MATVIEW;
     // SAFETY: plain catalog predicates on an OID.
     let system = unsafe { pg_sys::IsCatalogNamespace(namespace) || pg_sys::IsToastNamespace(namespace) };
-    if gucs::ENFORCE_ENCRYPTION.get()
-        && user_table
-        && !system
-        && Some(relam) != tde_heap_oid()
-        && !is_rewrite_transient(&name, relam)
-    {
-        TdeError::Enforced(format!("table \"{name}\" would not be encrypted")).raise();
+    if gucs::ENFORCE_ENCRYPTION.get() {
+        let tde_heap = Some(relam) == tde_heap_oid();
+        // The catalog lookups of is_rewrite_transient only when they matter.
+        let rewrite_keeping_am = user_table && !system && !tde_heap && is_rewrite_transient(&name, relam);
+        if !policy::allowed_under_enforcement(&Created { user_table, system, tde_heap, rewrite_keeping_am }) {
+            TdeError::Enforced(format!("table \"{name}\" would not be encrypted")).raise();
+        }
     }
 }
 
@@ -253,7 +254,9 @@ fn sync_sequence(seqid: pg_sys::Oid) {
     };
     let Some(owner) = sequence_owner(seqid) else { return };
     let temp = persistence as u8 == pg_sys::RELPERSISTENCE_TEMP;
-    if uses_tde_heap(owner) != keys::is_encrypted(&locator, temp) {
+    let kind = Kind::Sequence { owner_tde_heap: Some(uses_tde_heap(owner)) };
+    let should = policy::decide(&NewFile { kind, source_encrypted: None }) == Decision::Encrypt;
+    if should != keys::is_encrypted(&locator, temp) {
         // SAFETY: rewrites the sequence into a new relfilenumber with the
         // same persistence; create_storage decides the new file's key.
         unsafe { crate::pg::SequenceChangePersistence(seqid, persistence) };

@@ -12,6 +12,8 @@
 //!   built from (relation file number, fork, block, page LSN), all-zero pages passed through.
 //! - [`keystore`]: the key store's changes, file format and redo rules; [`keytable`]: the
 //!   shared key table's algorithm over slots in shared memory.
+//! - [`policy`]: which new relation files are encrypted, and what `tde.enforce_encryption`
+//!   allows.
 //! - [`wrap`]: AES-256-GCM key wrapping with associated data (table keys under a
 //!   key-encryption key, key-encryption keys under a master key).
 //!
@@ -23,6 +25,7 @@
 pub mod keystore;
 pub mod keytable;
 pub mod page;
+pub mod policy;
 pub mod provider;
 pub mod secret;
 pub mod wrap;
