@@ -16,7 +16,7 @@
 use std::ffi::c_char;
 
 use pgrx::pg_sys;
-use tde_core::page::{decrypt_page, encrypt_page, stored_kind, PagePosition, Stored, PAGE_SIZE};
+use tde_core::page::{decrypt_page, encrypt_page, PagePosition, PAGE_SIZE};
 use tde_core::xts::PageCipher;
 
 use crate::pg::pg_checksum_page;
@@ -80,9 +80,10 @@ pub fn encrypt(
     }
 }
 
-/// Whether a page read from disk carries tde's "encrypted" mark.
+/// Whether a page read from disk carries tde's "encrypted" mark (checked on
+/// every page of a plain relation: reads two bytes, never scans the page).
 pub fn is_marked(page: &[u8; PAGE_SIZE]) -> bool {
-    stored_kind(page) == Stored::Encrypted
+    tde_core::page::is_marked(page)
 }
 
 /// Decrypts `page` in place.  Returns false, leaving the page as read, for a

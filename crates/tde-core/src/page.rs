@@ -65,10 +65,16 @@ fn set_pd_flags(page: &mut [u8; PAGE_SIZE], flags: u16) {
     page[PD_FLAGS_OFFSET..PD_FLAGS_OFFSET + 2].copy_from_slice(&flags.to_ne_bytes());
 }
 
+/// Whether a stored page carries the "encrypted" mark (two bytes read: cheap
+/// enough for every page of a plain relation).
+pub fn is_marked(page: &[u8; PAGE_SIZE]) -> bool {
+    pd_flags(page) & PD_TDE_ENCRYPTED != 0
+}
+
 /// Classifies a stored page (cheap: reads pd_flags, and scans for zeros only when the
 /// page is not marked).
 pub fn stored_kind(page: &[u8; PAGE_SIZE]) -> Stored {
-    if pd_flags(page) & PD_TDE_ENCRYPTED != 0 {
+    if is_marked(page) {
         Stored::Encrypted
     } else if is_all_zero(page) {
         Stored::Zero
@@ -270,6 +276,7 @@ mod tests {
         assert_eq!(dst[PD_FLAGS_OFFSET + 2..PLAINTEXT_HEADER_LEN], src[PD_FLAGS_OFFSET + 2..PLAINTEXT_HEADER_LEN]);
         assert_eq!(pd_flags(&dst), pd_flags(&src) | PD_TDE_ENCRYPTED);
         assert_eq!(stored_kind(&dst), Stored::Encrypted);
+        assert!(is_marked(&dst) && !is_marked(&src));
         assert_ne!(dst[PLAINTEXT_HEADER_LEN..], src[PLAINTEXT_HEADER_LEN..]);
         assert!(decrypt_page(&mut c, &POS, &mut dst).unwrap());
         assert_eq!(dst[..], src[..]);
