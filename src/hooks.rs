@@ -308,7 +308,7 @@ unsafe fn refuse_moving_encrypted_database(stmt: *mut pg_sys::AlterDatabaseStmt)
     // SAFETY: dbname of a valid AlterDatabaseStmt: a NUL-terminated string.
     let Some(db) = database_oid(unsafe { (*stmt).dbname }) else { return };
     let db = u32::from(db);
-    if keys::shmem::list().iter().any(|k| k.file.db == db) {
+    if keys::database_has_keys(db) {
         TdeError::MoveEncryptedDatabase.raise();
     }
 }

@@ -60,7 +60,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         // SAFETY: the hook that was installed before ours, called as PostgreSQL would.
         unsafe { prev() };
     }
-    keys::shmem::request(gucs::max_relation_keys());
+    keys::request_shmem(gucs::max_relation_keys());
 }
 
 #[pg_guard]
@@ -74,9 +74,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
     smgr::check_still_selected();
     // The postmaster creates the table and loads the key store into it (also
     // after a crash restart); children inherit it.
-    if keys::shmem::attach(gucs::max_relation_keys()) {
-        keys::store::load_at_startup();
-    }
+    keys::attach_shmem(gucs::max_relation_keys());
 }
 
 #[cfg(any(test, feature = "pg_test"))]

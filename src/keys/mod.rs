@@ -9,10 +9,16 @@
 //!   caches ready ciphers per process for the storage manager.
 //!
 //! Temp relations get keys that live only in their backend.
+//!
+//! This file is the only door into `shmem` and `store`: the rest of the
+//! extension uses the functions below (and `local` for the page path).
 
 pub mod local;
-pub mod shmem;
-pub mod store;
+mod shmem;
+mod store;
+
+pub use shmem::{KeyInfo, StoreState};
+pub use store::{checkpoint_record, redo};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -94,6 +100,34 @@ pub fn is_encrypted(loc: &pg_sys::RelFileLocator, temp: bool) -> bool {
     } else {
         shmem::is_attached() && shmem::contains(&file)
     }
+}
+
+/// Shared memory for the key table (shmem_request_hook).
+pub fn request_shmem(max_keys: u32) {
+    shmem::request(max_keys)
+}
+
+/// Attaches the key table (shmem_startup_hook); the process that creates it
+/// (the postmaster, also after a crash restart) loads the key store into it.
+pub fn attach_shmem(max_keys: u32) {
+    if shmem::attach(max_keys) {
+        store::load_at_startup();
+    }
+}
+
+/// Metadata of every key in the shared table (no key material).
+pub fn list() -> Vec<KeyInfo> {
+    shmem::list()
+}
+
+/// The key store's state and, when locked, why.
+pub fn state() -> (StoreState, String) {
+    shmem::state()
+}
+
+/// Whether database `db` has any encrypted relation file.
+pub fn database_has_keys(db: u32) -> bool {
+    shmem::list().iter().any(|k| k.file.db == db)
 }
 
 /// Why an encrypted file's key cannot be used, for error messages.

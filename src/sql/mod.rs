@@ -71,7 +71,7 @@ fn tde_keys() -> TableIterator<
         name!(usable, bool),
     ),
 > {
-    let rows: Vec<_> = keys::shmem::list()
+    let rows: Vec<_> = keys::list()
         .into_iter()
         .map(|k| {
             let created = to_timestamp(k.created as f64);
@@ -94,11 +94,11 @@ fn tde_keys() -> TableIterator<
 /// 'locked' with the reason.
 #[pg_extern(volatile)]
 fn tde_key_store_state() -> TableIterator<'static, (name!(state, String), name!(reason, Option<String>))> {
-    let (state, reason) = keys::shmem::state();
+    let (state, reason) = keys::state();
     let s = match state {
-        keys::shmem::StoreState::Empty => "empty",
-        keys::shmem::StoreState::Unlocked => "unlocked",
-        keys::shmem::StoreState::Locked => "locked",
+        keys::StoreState::Empty => "empty",
+        keys::StoreState::Unlocked => "unlocked",
+        keys::StoreState::Locked => "locked",
     };
     TableIterator::once((s.to_string(), (!reason.is_empty()).then_some(reason)))
 }

@@ -105,7 +105,7 @@ unsafe extern "C-unwind" fn checkpoint(redo: pg_sys::XLogRecPtr, flags: std::ffi
     if flags & no_wal != 0 || unsafe { pg_sys::RecoveryInProgress() } {
         return;
     }
-    if let Some(rec) = crate::keys::store::checkpoint_record() {
+    if let Some(rec) = crate::keys::checkpoint_record() {
         insert(&rec, true);
     }
 }
@@ -129,7 +129,7 @@ unsafe fn record_change(record: *mut pg_sys::XLogReaderState) -> Option<Record> 
 unsafe extern "C-unwind" fn redo(record: *mut pg_sys::XLogReaderState) {
     // SAFETY: called by the startup process with a valid record.
     match unsafe { record_change(record) } {
-        Some(rec) => crate::keys::store::redo(&rec),
+        Some(rec) => crate::keys::redo(&rec),
         None => TdeError::Internal("malformed WAL record".into()).raise(),
     }
 }
