@@ -313,6 +313,24 @@ unsafe fn refuse_moving_encrypted_database(stmt: *mut pg_sys::AlterDatabaseStmt)
     }
 }
 
+/// The relation a just-run statement named, with the statement's own
+/// catalog changes (a new OWNED BY, a new access method) made visible.
+fn relid_after_statement(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    // SAFETY: we are in the statement's transaction; a command counter
+    // increment and a name lookup with RVR_MISSING_OK (no lock taken).
+    let oid = unsafe {
+        pg_sys::CommandCounterIncrement();
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as _,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
 #[allow(clippy::too_many_arguments)]
 #[pg_guard]
 unsafe extern "C-unwind" fn utility(
@@ -376,38 +394,14 @@ unsafe extern "C-unwind" fn utility(
                 // SAFETY: node is an AlterSeqStmt (tag checked).
                 unsafe { (*(node as *mut pg_sys::AlterSeqStmt)).sequence }
             };
-            // SAFETY: make the new OWNED BY dependency visible, then look up.
-            unsafe { pg_sys::CommandCounterIncrement() };
-            // SAFETY: a name lookup with RVR_MISSING_OK inside the statement's transaction.
-            let seqid = unsafe {
-                pg_sys::RangeVarGetRelidExtended(
-                    rv,
-                    pg_sys::NoLock as _,
-                    pg_sys::RVROption::RVR_MISSING_OK,
-                    None,
-                    std::ptr::null_mut(),
-                )
-            };
-            if seqid != pg_sys::InvalidOid {
+            if let Some(seqid) = relid_after_statement(rv) {
                 sync_sequence(seqid);
             }
         }
         pg_sys::NodeTag::T_AlterTableStmt => {
             // SAFETY: node is an AlterTableStmt (tag checked).
             let rv = unsafe { (*(node as *mut pg_sys::AlterTableStmt)).relation };
-            // SAFETY: makes the statement's catalog changes visible; we are in its transaction.
-            unsafe { pg_sys::CommandCounterIncrement() };
-            // SAFETY: a name lookup with RVR_MISSING_OK inside the statement's transaction.
-            let relid = unsafe {
-                pg_sys::RangeVarGetRelidExtended(
-                    rv,
-                    pg_sys::NoLock as _,
-                    pg_sys::RVROption::RVR_MISSING_OK,
-                    None,
-                    std::ptr::null_mut(),
-                )
-            };
-            if relid != pg_sys::InvalidOid {
+            if let Some(relid) = relid_after_statement(rv) {
                 // SAFETY: returns a palloc'd list of sequence OIDs.
                 let seqs = unsafe { PgList::<c_void>::from_pg(pg_sys::getOwnedSequences(relid)) };
                 for i in 0..seqs.len() {
