@@ -8,6 +8,9 @@ pub static ENFORCE_ENCRYPTION: GucSetting<bool> = GucSetting::<bool>::new(false)
 /// Capacity of the shared key table (one entry per encrypted relation file).
 pub static MAX_RELATION_KEYS: GucSetting<i32> = GucSetting::<i32>::new(16384);
 
+/// Unwrapped table keys kept in shared memory (the key cache).
+pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(4096);
+
 pub fn init() {
     GucRegistry::define_bool_guc(
         c"tde.enforce_encryption",
@@ -20,9 +23,19 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"tde.max_relation_keys",
         c"Maximum number of encrypted relation files (keys held in shared memory).",
-        c"Each encrypted table, index, TOAST table and sequence file needs one. Costs about 120 bytes of shared memory each.",
+        c"Each encrypted table, index, TOAST table and sequence file needs one entry, which holds its key wrapped (never in plain form). Costs about 270 bytes of shared memory each.",
         &MAX_RELATION_KEYS,
         16,
+        16 * 1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tde.key_cache_size",
+        c"Number of unwrapped table keys kept in shared memory.",
+        c"A key not in the cache is unwrapped from the key table when a page of its file is read or written, and evicts the least recently used one. Each costs about 90 bytes of locked memory.",
+        &KEY_CACHE_SIZE,
+        1,
         16 * 1024 * 1024,
         GucContext::Postmaster,
         GucFlags::default(),
@@ -31,4 +44,8 @@ pub fn init() {
 
 pub fn max_relation_keys() -> u32 {
     MAX_RELATION_KEYS.get().max(16) as u32
+}
+
+pub fn key_cache_size() -> u32 {
+    KEY_CACHE_SIZE.get().max(1) as u32
 }

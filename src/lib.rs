@@ -60,7 +60,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         // SAFETY: the hook that was installed before ours, called as PostgreSQL would.
         unsafe { prev() };
     }
-    keys::request_shmem(gucs::max_relation_keys());
+    keys::request_shmem(gucs::max_relation_keys(), gucs::key_cache_size());
 }
 
 #[pg_guard]
@@ -74,7 +74,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
     smgr::check_still_selected();
     // The postmaster creates the table and loads the key store into it (also
     // after a crash restart); children inherit it.
-    keys::attach_shmem(gucs::max_relation_keys());
+    keys::attach_shmem(gucs::max_relation_keys(), gucs::key_cache_size());
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -13,8 +13,11 @@ use Exporter 'import';
 use File::Find;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use Digest::SHA qw(sha256 hmac_sha256);
+use JSON::PP;
 
-our @EXPORT = qw(new_node configure_keys files_containing restart_after_kill9);
+our @EXPORT = qw(new_node configure_keys files_containing restart_after_kill9
+  keystore_frames keystore_key_rels keystore_write_unkeyed);
 
 sub new_node
 {
@@ -85,4 +88,68 @@ sub restart_after_kill9
 	die "could not restart " . $node->name . " after kill9";
 }
 
+# ---- The key store file (format: crates/tde-core/src/storefile.rs) ---------
+#
+# keystore_frames(PATH): the frames of a key store file, as hashes with
+# kind ('snapshot' or 'change'), keyed (0/1), generation and body (decoded
+# JSON).  Tags are not checked here: the server does that.
+sub keystore_frames
+{
+	my ($path) = @_;
+	open(my $fh, '<:raw', $path) or die "open $path: $!";
+	local $/;
+	my $bytes = <$fh>;
+	close $fh;
+	die "$path: not a version 2 key store" unless substr($bytes, 0, 12) eq "PGTDEKS\0" . pack('V', 2);
+	my ($pos, @frames) = (16);
+	while ($pos + 45 <= length($bytes))
+	{
+		my ($len, $kind, $gen) = unpack('V C Q<', substr($bytes, $pos, 13));
+		last if $pos + 45 + $len > length($bytes);
+		push @frames, {
+			kind => (($kind & 0x7f) == 1 ? 'snapshot' : 'change'),
+			keyed => ($kind & 0x80 ? 1 : 0),
+			generation => $gen,
+			body => decode_json(substr($bytes, $pos + 13, $len)) };
+		$pos += 45 + $len;
+	}
+	return @frames;
+}
+
+# keystore_key_rels(PATH): the relfilenumbers that have a key in the file,
+# after replaying its frames.
+sub keystore_key_rels
+{
+	my ($path) = @_;
+	my %rels;
+	for my $f (keystore_frames($path))
+	{
+		my $b = $f->{body};
+		if ($f->{kind} eq 'snapshot')
+		{
+			$rels{ $_->{file}{rel} } = 1 for @{ $b->{keys} };
+		}
+		elsif ($b->{op} eq 'add_key') { $rels{ $b->{file}{rel} } = 1 }
+		elsif ($b->{op} eq 'remove_key') { delete $rels{ $b->{file}{rel} } }
+	}
+	return sort { $a <=> $b } keys %rels;
+}
+
+# keystore_write_unkeyed(PATH, STORE): what an attacker who can write the
+# file but has no master key can do: write STORE (a snapshot hash) as an
+# unkeyed frame, whose tag uses the public constant.
+sub keystore_write_unkeyed
+{
+	my ($path, $store) = @_;
+	my $header = "PGTDEKS\0" . pack('V', 2) . pack('V', 0);
+	my $body = JSON::PP->new->canonical->encode($store);
+	my $head = pack('V C Q<', length($body), 1, $store->{generation});
+	my $key = sha256('tde key store: unauthenticated frame');
+	my $tag = hmac_sha256(sha256($header) . pack('C Q< V', 1, $store->{generation}, length($body)) . $body, $key);
+	open(my $fh, '>:raw', $path) or die;
+	print $fh $header . $head . $body . $tag;
+	close $fh;
+}
+
 1;
+

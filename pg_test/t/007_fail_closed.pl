@@ -5,16 +5,16 @@
 #   keys, drop + create + restart keeps every table encrypted, and a server
 #   whose tde.max_relation_keys is too small for its key store refuses to
 #   start instead of treating files as plain.
-# - Encrypted pages are marked on disk: a key store that lost a key (edited
-#   by hand) makes reads fail with a clear error, and nothing is written in
-#   plaintext.
+# - The key store is authenticated under the master key: a file rewritten
+#   without it, or edited, stops the server.  Encrypted pages are marked on
+#   disk: a key store that lost a key (an older one put back) makes reads
+#   fail with a clear error, and nothing is written in plaintext.
 # - Another library that replaces tde's storage manager stops the server.
 # - tde.enforce_encryption cannot be bypassed with a pg_temp_ name or with
 #   ALTER TABLE ... SET ACCESS METHOD heap.
 use strict;
 use warnings FATAL => 'all';
-use Digest::SHA qw(sha256);
-use JSON::PP;
+use File::Copy;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -53,13 +53,9 @@ is($refused, 10, 'ten more creates are refused with a clear error');
 # The refused creates left nothing behind in the key store file.
 sub store_key_count
 {
-	my $path = $node->data_dir . '/tde/keystore';
-	open(my $fh, '<:raw', $path) or die "open $path: $!";
-	local $/;
-	my $bytes = <$fh>;
-	close $fh;
-	my $body = substr($bytes, 52);
-	return scalar @{ decode_json($body)->{keys} };
+	$node->safe_psql('postgres', 'CHECKPOINT');    # the file catches up with the queue
+	my @rels = keystore_key_rels($node->data_dir . '/tde/keystore');
+	return scalar @rels;
 }
 is(store_key_count(), 64, 'no orphan keys in the key store file');
 
@@ -86,8 +82,12 @@ $node->append_conf('postgresql.conf', 'tde.max_relation_keys = 64');
 $node->start;
 is($node->safe_psql('postgres', 'SELECT count(*) FROM newt'), '400', 'with the limit restored everything reads back');
 
-# ---- Marked pages: a key store that lost a key ------------------------------
-$node->safe_psql('postgres', 'DROP TABLE ' . join(', ', map { "cap_$_" } 4 .. 30));
+# ---- The key store is authenticated; marked pages -------------------------
+my $store = $node->data_dir . '/tde/keystore';
+$node->safe_psql('postgres', 'DROP TABLE ' . join(', ', map { "cap_$_" } 4 .. 30) . '; CHECKPOINT');
+$node->stop;
+copy($store, "$store.before_lost") or die;
+$node->start;
 $node->safe_psql('postgres', q{
 	CREATE TABLE lost (id int, v text) USING tde_heap;
 	INSERT INTO lost SELECT g, 'LOST-SECRET-' || g FROM generate_series(1, 500) g;
@@ -96,26 +96,61 @@ $node->safe_psql('postgres', q{
 my $lost_file = $node->safe_psql('postgres',
 	"SELECT relfilenode FROM pg_class WHERE relname = 'lost'");
 $node->stop;
+copy($store, "$store.good") or die;
+ok((grep { $_ == $lost_file } keystore_key_rels($store)), 'the key store file lists the key of lost');
 
-# Remove the table's key from the key store and fix the (unkeyed) hash, as
-# an operator restoring or editing the file by hand could.
+# The state the file describes, replayed from its frames.
+sub store_state
 {
-	my $path = $node->data_dir . '/tde/keystore';
-	open(my $fh, '<:raw', $path) or die;
-	local $/;
-	my $bytes = <$fh>;
-	close $fh;
-	my $ks = decode_json(substr($bytes, 52));
+	my ($state, @frames) = (undef, keystore_frames($store));
+	for my $f (@frames)
+	{
+		my $b = $f->{body};
+		if ($f->{kind} eq 'snapshot') { $state = $b; next }
+		$state->{generation} = $f->{generation};
+		if ($b->{op} eq 'add_key') { push @{ $state->{keys} }, { %$b{qw(file key_id version created algorithm wrapped)} } }
+		elsif ($b->{op} eq 'remove_key') { $state->{keys} = [ grep { $_->{file}{rel} != $b->{file}{rel} } @{ $state->{keys} } ] }
+		elsif ($b->{op} eq 'set_principal') { $state->{principal} = { %$b{qw(provider key_name wrapped_kek)} } }
+		elsif ($b->{op} eq 'add_provider') { push @{ $state->{providers} }, { %$b{qw(name kind options)} } }
+	}
+	return $state;
+}
+
+# An attacker without the master key removes lost's key and rewrites the
+# file with the public checksum constant (as the old unkeyed SHA-256 allowed).
+{
+	my $ks = store_state();
 	my $before = @{ $ks->{keys} };
 	$ks->{keys} = [ grep { $_->{file}{rel} != $lost_file } @{ $ks->{keys} } ];
 	die "no key for $lost_file" if @{ $ks->{keys} } != $before - 1;
-	my $body = JSON::PP->new->canonical->encode($ks);
-	my $len = length($body);
-	my $header = substr($bytes, 0, 12) . pack('Q<', $len) . sha256($body);
-	open($fh, '>:raw', $path) or die;
-	print $fh $header . $body;
+	keystore_write_unkeyed($store, $ks);
+}
+my $logstart2 = -s $node->logfile;
+ok(!$node->start(fail_ok => 1), 'a key store rewritten without the master key: the server refuses to start');
+like(slurp_file($node->logfile, $logstart2), qr/key store file ".*keystore" is corrupt: frame 1 is unauthenticated but sets a master key or table keys/,
+	'the log says why');
+
+# Editing an authenticated frame (a digit of a timestamp: still valid JSON).
+copy("$store.good", $store) or die;
+{
+	open(my $fh, '+<:raw', $store) or die;
+	local $/;
+	my $bytes = <$fh>;
+	my $at = rindex($bytes, '"created":') + length('"created":');
+	substr($bytes, $at, 1) = substr($bytes, $at, 1) eq '1' ? '2' : '1';
+	seek($fh, 0, 0);
+	print $fh $bytes;
 	close $fh;
 }
+$logstart2 = -s $node->logfile;
+ok(!$node->start(fail_ok => 1), 'an edited key store: the server refuses to start');
+like(slurp_file($node->logfile, $logstart2), qr/key store file ".*keystore" is corrupt: authentication failed at keyed frame \d+/,
+	'the log says the key store failed authentication');
+
+# An older, authentic key store put back in a cleanly stopped cluster (no
+# recovery runs, so no WAL generation can catch it; docs/keys.md): the key
+# of lost is missing, and its pages say on disk that they are encrypted.
+copy("$store.before_lost", $store) or die;
 $node->start;
 my ($rc, $err) = psql_err('SELECT count(*) FROM lost');
 isnt($rc, 0, 'a table whose key is gone from the key store cannot be read');
@@ -127,6 +162,10 @@ $node->safe_psql('postgres', 'CHECKPOINT');
 is(scalar(files_containing($node, 'LOST-NEW-ROW')), 0, 'nothing of the failed write is on disk in plaintext');
 is(scalar(files_containing($node, 'LOST-SECRET-')), 0, 'the old rows are still only ciphertext');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM newt'), '400', 'other encrypted tables keep working');
+$node->stop;
+copy("$store.good", $store) or die;
+$node->start;
+is($node->safe_psql('postgres', 'SELECT count(*) FROM lost'), '500', 'with the right key store, lost reads back');
 $node->safe_psql('postgres', 'DROP TABLE lost');
 
 # ---- Another storage manager after tde ------------------------------------

@@ -60,7 +60,7 @@ fn load(file: &FileId) -> Entry {
     match shmem::find(file) {
         Found::NotEncrypted => Entry::Plain,
         Found::Unavailable => Entry::Unavailable,
-        Found::Key(bytes) => match TableKey::from_bytes(&bytes[..]).and_then(|k| PageCipher::new(&k)) {
+        Found::Key(key) => match PageCipher::new(&key) {
             Ok(c) => Entry::Cipher(Box::new(c)),
             Err(_) => Entry::Unavailable,
         },

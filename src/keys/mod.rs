@@ -17,8 +17,9 @@ pub mod local;
 mod shmem;
 mod store;
 
+pub use shmem::CacheStats;
 pub use shmem::{KeyInfo, StoreState};
-pub use store::{checkpoint_record, redo};
+pub use store::{checkpoint, redo};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -102,17 +103,22 @@ pub fn is_encrypted(loc: &pg_sys::RelFileLocator, temp: bool) -> bool {
     }
 }
 
-/// Shared memory for the key table (shmem_request_hook).
-pub fn request_shmem(max_keys: u32) {
-    shmem::request(max_keys)
+/// Shared memory for the key table and cache (shmem_request_hook).
+pub fn request_shmem(max_keys: u32, cache_size: u32) {
+    shmem::request(max_keys, cache_size)
 }
 
 /// Attaches the key table (shmem_startup_hook); the process that creates it
 /// (the postmaster, also after a crash restart) loads the key store into it.
-pub fn attach_shmem(max_keys: u32) {
-    if shmem::attach(max_keys) {
+pub fn attach_shmem(max_keys: u32, cache_size: u32) {
+    if shmem::attach(max_keys, cache_size) {
         store::load_at_startup();
     }
+}
+
+/// The key cache's size and counters.
+pub fn cache_stats() -> CacheStats {
+    shmem::cache_stats()
 }
 
 /// Metadata of every key in the shared table (no key material).
@@ -169,7 +175,7 @@ pub fn copy_database_keys(
         if shmem::contains(&dst) {
             continue; // STRATEGY WAL_LOG already gave the copy its own key
         }
-        let tek = shmem::with_exclusive(|x| shmem::key_of(x, &src))
+        let tek = shmem::key_of(&src)
             .ok_or_else(|| TdeError::Locked(format!("the key of relation file {src} is not available")))?;
         copies.push((dst, tek));
     }
@@ -202,7 +208,7 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
     }
     provider::from_config(kind, &options)?;
     let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
-    store::commit(|ks| match ks.provider(name) {
+    store::commit(|_| match store::read()?.as_ref().and_then(|ks| ks.provider(name)) {
         Some(p) if *p != entry => {
             Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string())))
         }

@@ -1,47 +1,59 @@
-//! The shared key table: unwrapped table keys in shared memory.
+//! The shared key table and key cache, in shared memory.
 //!
 //! Why it exists: every process that reads or writes pages (backends, the
 //! checkpointer, the background writer, the startup process) needs the key
 //! of an encrypted relation file, and none of them may depend on a database
-//! connection.  The postmaster loads the key store into this table at start;
-//! changes (new keys, drops, redo) update it under the lock.
+//! connection.  The region holds:
+//!
+//! - the **key table**: every key of the key store, *wrapped* by the KEK --
+//!   the store's image, complete by construction (a store that does not fit
+//!   is refused, keys/store.rs), so "not in the table" means "plain";
+//! - the **key cache**: at most `tde.key_cache_size` *unwrapped* keys,
+//!   evicted by a clock hand and zeroized on eviction.  A miss unwraps the
+//!   table's copy with the KEK; it never means "plain";
+//! - the KEK and the key store's authentication key while unlocked, and the
+//!   key store file's position (generation, last tag, length), which only
+//!   the holder of the store lock uses.
 //!
 //! Locking: two LWLocks of the named tranche "tde".
 //!
-//! - The *table lock* protects every field of the region except
-//!   `generation`.  Lookups take it shared; updates take it exclusively, and
-//!   only for the few instructions that change the table -- never across
-//!   WAL flushes, fsyncs or provider calls, so a slow disk or KMS does not
-//!   stall the lookups of every process.
+//! - The *table lock* protects the table, the cache and the state.  Lookups
+//!   take it shared (a cache miss, exclusively, for one unwrap); updates take
+//!   it exclusively, and only for the few instructions that change the table
+//!   -- never across WAL inserts, file writes or provider calls, so a slow
+//!   disk or KMS does not stall the lookups of every process.
 //! - The *store lock* serialises changes to the key store (keys/store.rs):
-//!   it is held, exclusively, from reading the key store file to updating
-//!   the table, so the file, the WAL and the table change in one order.
-//!   Order: store lock, then table lock; never the other way.
+//!   it is held from reading the file position to updating the table, so the
+//!   file, the WAL and the table change in one order.  Order: store lock,
+//!   then table lock; never the other way.
 //!
 //! `generation` is atomic so that backends can check their private cipher
-//! caches (keys/local.rs) without any lock; writers bump it after each
-//! change, holding the table lock exclusively.
+//! caches (keys/local.rs) without any lock; writers bump it after a change
+//! that could make a cached answer wrong (a key added or removed, a state
+//! change).  Cache evictions do not bump it: an evicted key is unchanged.
 //!
 //! The region is `mlock`ed and marked `MADV_DONTDUMP`, so unwrapped keys are
 //! neither swapped out nor written into core dumps.
 //!
-//! Layout: a header followed by `nslots` slots.  The table algorithm over
-//! those slots (open addressing, linear probing, tombstones) is tde-core's
-//! `keytable`, tested without a server; this file only finds the memory,
-//! takes the lock and bumps `generation`.
+//! Layout: header, table slots, cache slots.  The algorithms over those
+//! slots are tde-core's `keytable`, tested without a server; this file only
+//! finds the memory, takes the locks, unwraps on a miss and counts.
 
 use std::ffi::CStr;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys;
-use tde_core::keystore::FileId;
-use tde_core::keytable::{KeyTable, Slot};
+use tde_core::keystore::{tek_aad, FileId};
+use tde_core::keytable::{CacheSlot, KeyCache, KeyCacheView, KeyTable, Slot};
 use tde_core::secret::{TableKey, WrapKey};
+use tde_core::storefile::{AuthKey, TAG_LEN};
+use tde_core::wrap::{unwrap_table_key, WRAPPED_TABLE_KEY_LEN};
 use zeroize::Zeroize;
 
 const TRANCHE: &CStr = c"tde";
 const REASON_LEN: usize = 512;
+const STORE_ID_LEN: usize = 64;
 
 /// The key store's state as this server sees it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -56,24 +68,92 @@ pub enum StoreState {
     Locked = 2,
 }
 
+/// Where the key store file stands.  Read and written only under the store
+/// lock (and copied out, never borrowed).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct StoreMeta {
+    pub exists: bool,
+    pub has_principal: bool,
+    /// Appended since the last fsync (the checkpoint makes it durable).
+    pub dirty: bool,
+    pub generation: u64,
+    pub next_key_id: u64,
+    store_id: [u8; STORE_ID_LEN],
+    /// Tag of the last frame in the file: the next frame chains to it.
+    pub last_tag: [u8; TAG_LEN],
+    pub file_len: u64,
+    pub snapshot_len: u64,
+    /// Frames waiting in the queue (`pending`), and the end of their WAL.
+    pub pending_len: u64,
+    pub pending_lsn: u64,
+}
+
+impl StoreMeta {
+    pub const NONE: StoreMeta = StoreMeta {
+        exists: false,
+        has_principal: false,
+        dirty: false,
+        generation: 0,
+        next_key_id: 1,
+        store_id: [0; STORE_ID_LEN],
+        last_tag: [0; TAG_LEN],
+        file_len: 0,
+        snapshot_len: 0,
+        pending_len: 0,
+        pending_lsn: 0,
+    };
+
+    pub fn store_id(&self) -> String {
+        let end = self.store_id.iter().position(|&b| b == 0).unwrap_or(STORE_ID_LEN);
+        String::from_utf8_lossy(&self.store_id[..end]).into_owned()
+    }
+
+    pub fn set_store_id(&mut self, id: &str) {
+        self.store_id = [0; STORE_ID_LEN];
+        let n = id.len().min(STORE_ID_LEN);
+        self.store_id[..n].copy_from_slice(&id.as_bytes()[..n]);
+    }
+}
+
 #[repr(C)]
 struct Header {
     generation: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
     state: u32,
     nslots: u32,
     used: u32,
     max_keys: u32,
+    ncache: u32,
+    hand: u32,
     kek: [u8; 32],
+    auth: [u8; 32],
     reason: [u8; REASON_LEN],
-    /// Generation and id of the key store file as last saved or loaded
-    /// (keys/store.rs); read by the checkpointer.
-    store_generation: u64,
+    /// Copy of the store id readable under the table lock (for unwrapping).
     store_id: [u8; STORE_ID_LEN],
+    meta: StoreMeta,
 }
 
-const STORE_ID_LEN: usize = 64;
+pub use tde_core::keytable::{KeyInfo, TableFull};
 
-pub use tde_core::keytable::{Found, KeyInfo, TableFull};
+/// What a lookup found.
+pub enum Found {
+    NotEncrypted,
+    Key(TableKey),
+    /// Encrypted, but the key cannot be used (store locked, bad wrap).
+    Unavailable,
+}
+
+/// Cache counters, for `tde_key_cache()`.
+pub struct CacheStats {
+    pub size: u32,
+    pub used: u32,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
 
 static mut HEADER: *mut Header = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
@@ -83,26 +163,42 @@ fn nslots_for(max_keys: u32) -> u32 {
     max_keys.saturating_mul(2).max(16)
 }
 
+fn table_offset() -> usize {
+    size_of::<Header>().next_multiple_of(8)
+}
+
+fn cache_offset(max_keys: u32) -> usize {
+    table_offset() + nslots_for(max_keys) as usize * size_of::<Slot>()
+}
+
+/// Bytes of frames that wait for their WAL to be flushed before they are
+/// appended to the key store file (keys/store.rs).
+pub const QUEUE_BYTES: usize = 256 * 1024;
+
+fn queue_offset(max_keys: u32, cache_size: u32) -> usize {
+    cache_offset(max_keys) + cache_size.max(1) as usize * size_of::<CacheSlot>()
+}
+
 /// Bytes of shared memory needed, for RequestAddinShmemSpace.
-pub fn size(max_keys: u32) -> usize {
-    size_of::<Header>() + nslots_for(max_keys) as usize * size_of::<Slot>()
+pub fn size(max_keys: u32, cache_size: u32) -> usize {
+    queue_offset(max_keys, cache_size) + QUEUE_BYTES
 }
 
 /// Called from the shmem_request hook.
-pub fn request(max_keys: u32) {
+pub fn request(max_keys: u32, cache_size: u32) {
     // SAFETY: called in the postmaster's shmem_request_hook, where these two
     // requests are allowed.
     unsafe {
-        pg_sys::RequestAddinShmemSpace(size(max_keys));
+        pg_sys::RequestAddinShmemSpace(size(max_keys, cache_size));
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 2);
     }
 }
 
 /// Called from the shmem_startup hook (postmaster, and again after a crash
-/// restart).  Returns true if the table was just created and must be filled.
-pub fn attach(max_keys: u32) -> bool {
+/// restart).  Returns true if the region was just created and must be filled.
+pub fn attach(max_keys: u32, cache_size: u32) -> bool {
     let mut found = false;
-    let bytes = size(max_keys);
+    let bytes = size(max_keys, cache_size);
     // SAFETY: ShmemInitStruct and GetNamedLWLockTranche are called with
     // AddinShmemInitLock held, as PostgreSQL requires; the region has the
     // size we requested in `request`.
@@ -117,6 +213,8 @@ pub fn attach(max_keys: u32) -> bool {
             std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
             (*ptr).nslots = nslots_for(max_keys);
             (*ptr).max_keys = max_keys;
+            (*ptr).ncache = cache_size.max(1);
+            (*ptr).meta = StoreMeta::NONE;
             protect_region(ptr as *mut u8, bytes);
         }
         HEADER = ptr;
@@ -126,18 +224,19 @@ pub fn attach(max_keys: u32) -> bool {
 }
 
 /// Keeps the key region out of swap and core dumps.  Failure to mlock (a
-/// low RLIMIT_MEMLOCK) is reported, not fatal.
+/// low RLIMIT_MEMLOCK) is reported once, not fatal.
 unsafe fn protect_region(ptr: *mut u8, len: usize) {
     let page = 4096usize;
     let start = (ptr as usize) & !(page - 1);
     let end = (ptr as usize + len + page - 1) & !(page - 1);
     // SAFETY: [start, end) covers our own shared memory struct, rounded out
     // to page boundaries inside PostgreSQL's shared memory mapping.
-    let rc_dump = libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP);
-    let rc_lock = libc::mlock(start as *const libc::c_void, end - start);
+    let rc_dump = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP) };
+    // SAFETY: as above.
+    let rc_lock = unsafe { libc::mlock(start as *const libc::c_void, end - start) };
     if rc_dump != 0 || rc_lock != 0 {
         pgrx::log!(
-            "tde: could not mlock/madvise the key table ({} bytes); keys may reach swap or core dumps",
+            "tde: could not mlock/madvise the key table ({} bytes, RLIMIT_MEMLOCK?); keys may reach swap or core dumps",
             end - start
         );
     }
@@ -190,43 +289,154 @@ pub fn with_store_lock<R>(f: impl FnOnce(&StoreLock) -> R) -> R {
     f(&s)
 }
 
-fn header() -> &'static mut Header {
-    // SAFETY: HEADER is set in attach() in the postmaster before any child is
-    // forked; callers hold the lock for all fields but `generation`.
-    unsafe { &mut *HEADER }
+/// The header.  Callers hold the table lock for every field but the
+/// atomics, and the store lock for `meta`.
+fn h() -> *mut Header {
+    // SAFETY: plain read of a pointer set once in attach(), in the
+    // postmaster, before any child was forked.
+    unsafe { HEADER }
 }
 
 pub fn is_attached() -> bool {
-    // SAFETY: plain read of a pointer set once in the postmaster.
-    unsafe { !HEADER.is_null() }
+    !h().is_null()
 }
 
-/// The table over this region's slots.
+/// The table over this region's slots.  Caller holds the table lock
+/// (exclusively to change anything).
 fn table() -> KeyTable<'static> {
-    // SAFETY: HEADER points at our region (set in attach(), before any child
-    // was forked); the slots follow the header, nslots of them, inside the
-    // region sized by size().  Callers hold the lock (exclusively to change
-    // anything), which serialises every access to the slots and `used`.
+    // SAFETY: HEADER points at our region (set in attach()); the slots follow
+    // the header, nslots of them, inside the region sized by size().  The
+    // table lock, which the caller holds, serialises every access to the
+    // slots and `used`.
     unsafe {
-        let h = HEADER;
-        let first = (h as *mut u8).add(size_of::<Header>()) as *mut Slot;
+        let h = h();
+        let first = (h as *mut u8).add(table_offset()) as *mut Slot;
         let slots = std::slice::from_raw_parts_mut(first, (*h).nslots as usize);
         KeyTable::new(slots, &mut (*h).used, (*h).max_keys)
     }
 }
 
+fn cache_slots() -> *mut CacheSlot {
+    // SAFETY: the cache slots follow the table slots inside the region
+    // sized by size() (attach() stored max_keys and ncache).
+    unsafe { (h() as *mut u8).add(cache_offset((*h()).max_keys)) as *mut CacheSlot }
+}
+
+/// Read access to the cache; caller holds the table lock (shared is enough:
+/// hits only set atomic reference bits).
+fn cache_view() -> KeyCacheView<'static> {
+    // SAFETY: ncache slots at cache_slots(), inside our region; writers hold
+    // the table lock exclusively, which excludes this shared reader.
+    unsafe { KeyCacheView::new(std::slice::from_raw_parts(cache_slots(), (*h()).ncache as usize)) }
+}
+
+/// Write access to the cache; caller holds the table lock exclusively.
+fn cache(_x: &Exclusive) -> KeyCache<'static> {
+    // SAFETY: as in cache_view(), with the lock held exclusively.
+    unsafe {
+        let slots = std::slice::from_raw_parts_mut(cache_slots(), (*h()).ncache as usize);
+        KeyCache::new(slots, &mut (*h()).hand)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Counter {
+    Generation,
+    Hits,
+    Misses,
+    Evictions,
+}
+
+/// One of the header's atomics; they need no lock.
+fn counter(c: Counter) -> &'static AtomicU64 {
+    let hd = h();
+    // SAFETY: the atomics live in our shared region for the life of the
+    // process; only a raw place is formed, never a reference to the header.
+    unsafe {
+        &*match c {
+            Counter::Generation => &raw const (*hd).generation,
+            Counter::Hits => &raw const (*hd).hits,
+            Counter::Misses => &raw const (*hd).misses,
+            Counter::Evictions => &raw const (*hd).evictions,
+        }
+    }
+}
+
 pub fn generation() -> u64 {
-    header().generation.load(Ordering::Acquire)
+    counter(Counter::Generation).load(Ordering::Acquire)
 }
 
 fn bump() {
-    header().generation.fetch_add(1, Ordering::AcqRel);
+    counter(Counter::Generation).fetch_add(1, Ordering::AcqRel);
 }
 
-/// Looks a relation file up.  Takes the lock in shared mode.
+fn state_locked() -> StoreState {
+    // SAFETY: caller holds the table lock.
+    match unsafe { (*h()).state } {
+        1 => StoreState::Unlocked,
+        2 => StoreState::Locked,
+        _ => StoreState::Empty,
+    }
+}
+
+fn store_id_locked() -> String {
+    // SAFETY: caller holds the table lock.
+    let id = unsafe { &(*h()).store_id };
+    let end = id.iter().position(|&b| b == 0).unwrap_or(STORE_ID_LEN);
+    String::from_utf8_lossy(&id[..end]).into_owned()
+}
+
+fn kek_inner() -> Option<WrapKey> {
+    if state_locked() != StoreState::Unlocked {
+        return None;
+    }
+    // SAFETY: caller holds the table lock; the KEK is written only under it.
+    WrapKey::from_bytes(unsafe { &(*h()).kek }).ok()
+}
+
+/// Looks a relation file up: absent from the table means plain; present
+/// means its key, from the cache or unwrapped into it, or Unavailable.
 pub fn find(f: &FileId) -> Found {
-    let _g = Guard::new(false);
-    table().find(f)
+    {
+        let _g = Guard::new(false);
+        let Some(e) = table().get(f) else { return Found::NotEncrypted };
+        if e.bad || state_locked() != StoreState::Unlocked {
+            return Found::Unavailable;
+        }
+        if let Some(k) = e.cache.and_then(|c| cache_view().get(c, f, e.key_id)) {
+            counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
+            return TableKey::from_bytes(&k[..]).map(Found::Key).unwrap_or(Found::Unavailable);
+        }
+    }
+    with_exclusive(|x| {
+        // Again: it may have changed, or another process cached it, meanwhile.
+        let Some(e) = table().get(f) else { return Found::NotEncrypted };
+        if e.bad {
+            return Found::Unavailable;
+        }
+        if let Some(k) = e.cache.and_then(|c| cache_view().get(c, f, e.key_id)) {
+            counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
+            return TableKey::from_bytes(&k[..]).map(Found::Key).unwrap_or(Found::Unavailable);
+        }
+        let Some(kek) = kek_inner() else { return Found::Unavailable };
+        let aad = tek_aad(&store_id_locked(), f, e.key_id, e.version);
+        match unwrap_table_key(&kek, &e.wrapped, &aad) {
+            Ok(tek) => {
+                counter(Counter::Misses).fetch_add(1, Ordering::Relaxed);
+                let (i, evicted) = cache(x).insert(f, e.key_id, tek.expose());
+                if evicted {
+                    counter(Counter::Evictions).fetch_add(1, Ordering::Relaxed);
+                }
+                table().set_cache(e.slot, i);
+                Found::Key(tek)
+            }
+            Err(_) => {
+                table().mark_bad(e.slot);
+                pgrx::warning!("tde: the key of relation file {f} does not unwrap (tampered key store?)");
+                Found::Unavailable
+            }
+        }
+    })
 }
 
 /// True if the file has an entry (usable or not).
@@ -241,11 +451,6 @@ pub fn capacity() -> u32 {
     table().capacity()
 }
 
-/// Same as `capacity` for a caller that holds the table lock.
-pub fn capacity_locked(_x: &Exclusive) -> u32 {
-    table().capacity()
-}
-
 /// How many entries are in use (stable while the store lock is held: the
 /// table changes only under it).
 pub fn used() -> u32 {
@@ -253,114 +458,180 @@ pub fn used() -> u32 {
     table().used()
 }
 
-/// Inserts or replaces an entry.  Caller holds the lock exclusively.
-pub fn insert(_x: &Exclusive, info: &KeyInfo, tek: Option<&TableKey>) -> Result<(), TableFull> {
-    table().insert(info, tek.map(TableKey::expose))?;
+/// Inserts or replaces an entry, and caches its key if given (a key just
+/// made is about to be used).  Caller holds the lock exclusively.
+pub fn insert(
+    x: &Exclusive,
+    info: &KeyInfo,
+    wrapped: &[u8; WRAPPED_TABLE_KEY_LEN],
+    tek: Option<&TableKey>,
+) -> Result<(), TableFull> {
+    let mut t = table();
+    t.insert(info, wrapped)?;
+    if let (Some(tek), Some(e)) = (tek, t.get(&info.file)) {
+        let (i, evicted) = cache(x).insert(&info.file, info.key_id, tek.expose());
+        if evicted {
+            counter(Counter::Evictions).fetch_add(1, Ordering::Relaxed);
+        }
+        t.set_cache(e.slot, i);
+    }
     bump();
     Ok(())
 }
 
-/// Removes an entry if present.  Caller holds the lock exclusively.
-pub fn remove(_x: &Exclusive, f: &FileId) {
-    if table().remove(f) {
+/// Removes an entry if present, zeroizing its cached key.  Caller holds the
+/// lock exclusively.
+pub fn remove(x: &Exclusive, f: &FileId) {
+    if let Some(hint) = table().remove(f) {
+        if let Some(i) = hint {
+            cache(x).forget(i, f);
+        }
         bump();
     }
 }
 
-/// Empties the table (before a reload).  Caller holds the lock exclusively.
-pub fn clear(_x: &Exclusive) {
+/// Empties the table and the cache (before a reload).  Caller holds the
+/// lock exclusively.
+pub fn clear(x: &Exclusive) {
     table().clear();
+    cache(x).clear();
     bump();
 }
 
-pub fn set_unlocked(_x: &Exclusive, kek: &WrapKey) {
-    let h = header();
-    h.kek.copy_from_slice(kek.expose());
-    h.state = StoreState::Unlocked as u32;
-    h.reason.zeroize();
-    bump();
-}
-
-pub fn set_locked(_x: &Exclusive, reason: &str) {
-    let h = header();
-    h.kek.zeroize();
-    h.state = StoreState::Locked as u32;
-    h.reason.zeroize();
+fn set_state(state: StoreState, reason: &str) {
+    // SAFETY: callers hold the table lock exclusively (an `Exclusive`).
+    let hd = unsafe { &mut *h() };
+    hd.state = state as u32;
+    hd.reason.zeroize();
     let n = reason.len().min(REASON_LEN - 1);
-    h.reason[..n].copy_from_slice(&reason.as_bytes()[..n]);
+    hd.reason[..n].copy_from_slice(&reason.as_bytes()[..n]);
+}
+
+/// The KEK is available: keys can be unwrapped, and the key store's
+/// authentication key (derived from it) is kept beside it.
+pub fn set_unlocked(_x: &Exclusive, kek: &WrapKey, store_id: &str) {
+    let auth = AuthKey::derive(kek, store_id);
+    // SAFETY: the caller holds the table lock exclusively.
+    let hd = unsafe { &mut *h() };
+    hd.kek.copy_from_slice(kek.expose());
+    hd.auth.copy_from_slice(auth.expose());
+    set_state(StoreState::Unlocked, "");
     bump();
 }
 
-pub fn set_empty(_x: &Exclusive) {
-    let h = header();
-    h.kek.zeroize();
-    h.state = StoreState::Empty as u32;
-    h.reason.zeroize();
+pub fn set_locked(x: &Exclusive, reason: &str) {
+    // SAFETY: the caller holds the table lock exclusively.
+    let hd = unsafe { &mut *h() };
+    hd.kek.zeroize();
+    hd.auth.zeroize();
+    cache(x).clear();
+    set_state(StoreState::Locked, reason);
     bump();
 }
 
-/// Records the key store file's generation and id.  Caller holds the lock
-/// exclusively, and has saved (or loaded) the file.
-pub fn set_store_version(_x: &Exclusive, generation: u64, store_id: &str) {
-    let h = header();
-    h.store_generation = generation;
-    h.store_id = [0; STORE_ID_LEN];
-    let n = store_id.len().min(STORE_ID_LEN);
-    h.store_id[..n].copy_from_slice(&store_id.as_bytes()[..n]);
+pub fn set_empty(x: &Exclusive) {
+    // SAFETY: the caller holds the table lock exclusively.
+    let hd = unsafe { &mut *h() };
+    hd.kek.zeroize();
+    hd.auth.zeroize();
+    cache(x).clear();
+    set_state(StoreState::Empty, "");
+    bump();
 }
 
-/// The key store file's generation and id (0 and "" before it exists).
-pub fn store_version() -> (u64, String) {
+/// The key store file's position.  Only the store lock holder uses it.
+pub fn meta(_s: &StoreLock) -> StoreMeta {
+    // SAFETY: `meta` is read and written only under the store lock, held.
+    unsafe { (*h()).meta }
+}
+
+/// Records the key store file's position (after a write or a load); the
+/// store id is also copied where lookups read it.
+pub fn set_meta(_s: &StoreLock, m: &StoreMeta) {
+    with_exclusive(|_x| {
+        // SAFETY: store lock and table lock held, as readers of either need.
+        let hd = unsafe { &mut *h() };
+        hd.meta = *m;
+        hd.store_id = m.store_id;
+    });
+}
+
+fn queue_ptr() -> *mut u8 {
+    // SAFETY: QUEUE_BYTES at queue_offset() lie inside our region (size()).
+    unsafe { (h() as *mut u8).add(queue_offset((*h()).max_keys, (*h()).ncache)) }
+}
+
+/// Copies `bytes` into the queue of frames not yet appended to the file,
+/// at offset `at`.  Only the store lock holder uses the queue.
+pub fn queue_write(_s: &StoreLock, at: usize, bytes: &[u8]) {
+    assert!(at + bytes.len() <= QUEUE_BYTES, "key store queue overflow");
+    // SAFETY: in bounds (checked above); the store lock, held, serialises
+    // every access to the queue; `bytes` is not in the queue.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), queue_ptr().add(at), bytes.len()) };
+}
+
+/// The first `n` bytes of the queue.
+pub fn queue_read(_s: &StoreLock, n: usize) -> Vec<u8> {
+    assert!(n <= QUEUE_BYTES, "key store queue overflow");
+    // SAFETY: in bounds; the store lock, held, serialises access.
+    unsafe { std::slice::from_raw_parts(queue_ptr(), n) }.to_vec()
+}
+
+/// The key store's authentication key, if unlocked.
+pub fn auth_key() -> Option<AuthKey> {
     let _g = Guard::new(false);
-    let h = header();
-    let end = h.store_id.iter().position(|&b| b == 0).unwrap_or(STORE_ID_LEN);
-    (h.store_generation, String::from_utf8_lossy(&h.store_id[..end]).into_owned())
+    if state_locked() != StoreState::Unlocked {
+        return None;
+    }
+    // SAFETY: the table lock is held; `auth` is written only under it.
+    Some(AuthKey::from_bytes(unsafe { &(*h()).auth }))
 }
 
 /// The state and, when locked, why.
 pub fn state() -> (StoreState, String) {
     let _g = Guard::new(false);
-    state_inner()
-}
-
-fn state_inner() -> (StoreState, String) {
-    let h = header();
-    let st = match h.state {
-        1 => StoreState::Unlocked,
-        2 => StoreState::Locked,
-        _ => StoreState::Empty,
-    };
-    let end = h.reason.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
-    (st, String::from_utf8_lossy(&h.reason[..end]).into_owned())
+    // SAFETY: the table lock is held.
+    let reason = unsafe { &(*h()).reason };
+    let end = reason.iter().position(|&b| b == 0).unwrap_or(REASON_LEN);
+    (state_locked(), String::from_utf8_lossy(&reason[..end]).into_owned())
 }
 
 /// A copy of the KEK if the store is unlocked.
 pub fn kek() -> Option<WrapKey> {
     let _g = Guard::new(false);
-    let h = header();
-    if h.state != StoreState::Unlocked as u32 {
-        return None;
-    }
-    WrapKey::from_bytes(&h.kek).ok()
+    kek_inner()
 }
 
-/// Same as `kek` for a caller that already holds the lock.
-pub fn kek_locked(_x: &Exclusive) -> Option<WrapKey> {
-    let h = header();
-    if h.state != StoreState::Unlocked as u32 {
-        return None;
-    }
-    WrapKey::from_bytes(&h.kek).ok()
-}
-
-/// Metadata of every key (for the SQL views).
+/// Metadata of every key (for the SQL views); a key is usable if the store
+/// is unlocked and the key is not known to be bad.
 pub fn list() -> Vec<KeyInfo> {
     let _g = Guard::new(false);
-    table().list()
+    let unlocked = state_locked() == StoreState::Unlocked;
+    let mut l = table().list();
+    for k in l.iter_mut() {
+        k.usable &= unlocked;
+    }
+    l
 }
 
 /// The unwrapped key of `f`, for re-wrapping (CREATE DATABASE FILE_COPY).
-pub fn key_of(_x: &Exclusive, f: &FileId) -> Option<TableKey> {
-    let k = table().key(f)?;
-    TableKey::from_bytes(&k[..]).ok()
+pub fn key_of(f: &FileId) -> Option<TableKey> {
+    match find(f) {
+        Found::Key(k) => Some(k),
+        _ => None,
+    }
+}
+
+/// The key cache's size and counters.
+pub fn cache_stats() -> CacheStats {
+    let _g = Guard::new(false);
+    // SAFETY: the table lock is held.
+    let size = unsafe { (*h()).ncache };
+    CacheStats {
+        size,
+        used: cache_view().used() as u32,
+        hits: counter(Counter::Hits).load(Ordering::Relaxed),
+        misses: counter(Counter::Misses).load(Ordering::Relaxed),
+        evictions: counter(Counter::Evictions).load(Ordering::Relaxed),
+    }
 }

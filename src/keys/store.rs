@@ -1,35 +1,44 @@
 //! Keeps `$PGDATA/tde/keystore`, the WAL and the shared key table in step.
 //!
+//! The file is an authenticated append-only log (tde-core's `storefile`).
 //! Every change follows one path, under the store lock (keys/shmem.rs), with
-//! the table lock taken only for step 4:
+//! the table lock taken only for step 3:
 //!
-//! 1. read the key store file and apply the change in memory (validation,
-//!    and the capacity check: nothing is logged that cannot be applied);
-//! 2. WAL-log the change through the tde resource manager (src/wal/mod.rs);
-//! 3. replace the file atomically (tmp, fsync, rename, fsync dir), with
-//!    checkpoints held off from 2 to 3 (DELAY_CHKPT_START) and a PANIC if 3
-//!    fails after 2 (`log_and_save`);
-//! 4. update the shared key table.
+//! 1. WAL-log the change through the tde resource manager (src/wal/mod.rs);
+//! 2. append its frame to the file -- no fsync: the WAL has it, and redo
+//!    appends it again if a crash loses it -- with checkpoints held off from
+//!    1 to 2 (DELAY_CHKPT_START) and a PANIC if 2 fails after 1;
+//! 3. update the shared key table.
 //!
-//! Redo (crash recovery, standbys, PITR) runs steps 1, 3 and 4 with the
-//! change from the WAL record.  Changes are idempotent, so a file that is
-//! already ahead of the WAL (crash between 3 and the next checkpoint) is fine.
+//! Each checkpoint (and restartpoint) then makes the file durable
+//! (`checkpoint`): an fsync, or, once the log has grown past the snapshot,
+//! a compaction into a new snapshot, replaced atomically.  So a change
+//! costs one WAL record and one small write, whatever the store's size, and
+//! any PGDATA that recovery can start from -- after a crash, from a base
+//! backup, on a standby -- holds each change in the file or in the WAL it
+//! replays.
 //!
-//! Key removal after a committed DROP is the one change that is not logged:
-//! PostgreSQL's own commit/abort records unlink the files on redo, and the
-//! storage manager's unlink callback removes the key then as well.
+//! Redo (crash recovery, standbys, PITR) runs steps 2 and 3 with the change
+//! from the WAL record, in generation order; a record the file already
+//! holds is skipped.
+//!
+//! Removing the key of a file that is unlinked after a committed DROP is
+//! the one change that is not WAL-logged: PostgreSQL's own commit/abort
+//! records unlink the files on redo, and the storage manager's unlink
+//! callback removes the key then as well.
 
 use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pgrx::pg_sys;
-use tde_core::keystore::{kek_aad, redo_step, tek_aad, Change, FileId, KeyEntry, KeyStore, Record, RedoStep};
+use tde_core::keystore::{kek_aad, redo_step, Change, FileId, KeyEntry, KeyStore, Record, RedoStep};
 use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
-use tde_core::wrap::unwrap_table_key;
+use tde_core::storefile::{self, AuthKey, Loaded};
+use tde_core::wrap::WRAPPED_TABLE_KEY_LEN;
 
-use super::shmem::{self, Exclusive, KeyInfo};
+use super::shmem::{self, Exclusive, KeyInfo, StoreLock, StoreMeta};
 use crate::error::TdeError;
 use crate::wal;
 
@@ -61,6 +70,19 @@ fn info_of(e: &KeyEntry) -> KeyInfo {
     KeyInfo { file: e.file, key_id: e.key_id, version: e.version, created: e.created, usable: true }
 }
 
+/// The wrapped key of an entry as the table holds it; a malformed one
+/// (which no server writes) is kept as all zeros, which never unwraps, so
+/// the file stays known as encrypted.
+fn wrapped_of(e: &KeyEntry) -> [u8; WRAPPED_TABLE_KEY_LEN] {
+    let mut out = [0u8; WRAPPED_TABLE_KEY_LEN];
+    if let Ok(b) = B64.decode(&e.wrapped) {
+        if b.len() == WRAPPED_TABLE_KEY_LEN {
+            out.copy_from_slice(&b);
+        }
+    }
+    out
+}
+
 /// Unwraps the KEK with the store's current master key.
 fn unlock(ks: &KeyStore) -> Result<WrapKey, TdeError> {
     let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
@@ -73,75 +95,106 @@ fn unlock(ks: &KeyStore) -> Result<WrapKey, TdeError> {
     Ok(kek)
 }
 
-fn unwrap_entry(ks: &KeyStore, kek: &WrapKey, e: &KeyEntry) -> Option<TableKey> {
-    let blob = B64.decode(&e.wrapped).ok()?;
-    unwrap_table_key(kek, &blob, &tek_aad(&ks.store_id, &e.file, e.key_id, e.version)).ok()
+fn meta_of(l: &Loaded) -> StoreMeta {
+    let mut m = StoreMeta::NONE;
+    m.exists = true;
+    m.has_principal = l.state.principal.is_some();
+    m.generation = l.state.generation;
+    m.next_key_id = l.state.next_key_id;
+    m.set_store_id(&l.state.store_id);
+    m.last_tag = l.last_tag;
+    m.file_len = l.valid_len;
+    m.snapshot_len = l.snapshot_len;
+    m
 }
 
-/// Fills the shared table from `ks`: unlock it with the master key, unwrap
-/// every table key.  A key that fails to unwrap stays listed as unusable, so
-/// its relation is never mistaken for a plain one.  A store with more keys
-/// than the table holds is refused before anything changes: a key left out
-/// would make its file look plain.
-fn fill(x: &Exclusive, ks: &KeyStore) -> Result<(), TdeError> {
-    let capacity = shmem::capacity_locked(x);
+/// Reads, checks and authenticates the file, then fills the table from it.
+/// A store with more keys than the table holds is refused before anything
+/// changes: a key left out would make its file look plain.  If the master
+/// key is unavailable the store cannot be authenticated: it is installed
+/// locked, every file it lists unreadable, and says so.
+fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
+    let p = path();
+    let loaded = storefile::parse(bytes, &p)?;
+    if loaded.torn_bytes > 0 {
+        // A crash while appending: the WAL has what the tail held.
+        pgrx::log!(
+            "tde: key store file \"{}\": dropping a torn tail of {} bytes after generation {}",
+            p.display(),
+            loaded.torn_bytes,
+            loaded.state.generation
+        );
+        storefile::truncate(&p, loaded.valid_len)?;
+    }
+    let ks = &loaded.state;
+    let capacity = shmem::capacity();
     if ks.keys.len() > capacity as usize {
         return Err(TdeError::StoreTooLarge { keys: ks.keys.len(), capacity });
     }
-    shmem::clear(x);
     let kek = match ks.principal {
-        None => {
-            shmem::set_empty(x);
-            None
+        None if loaded.needs_auth() => {
+            return Err(TdeError::Store(tde_core::keystore::StoreError::Corrupt {
+                path: p,
+                why: "authenticated frames, but no master key".into(),
+            }))
         }
+        None => None,
         Some(_) => match unlock(ks) {
             Ok(k) => {
-                shmem::set_unlocked(x, &k);
-                Some(k)
+                loaded.authenticate(&AuthKey::derive(&k, &ks.store_id), &p)?;
+                Some(Ok(k))
             }
-            Err(e) => {
-                pgrx::warning!("tde: cannot unlock the key store; encrypted relations are unreadable until the master key is available: {e}");
-                shmem::set_locked(x, &e.to_string());
-                None
-            }
+            Err(e) => Some(Err(e)),
         },
     };
-    for e in &ks.keys {
-        let tek = kek.as_ref().and_then(|k| unwrap_entry(ks, k, e));
-        if kek.is_some() && tek.is_none() {
-            pgrx::warning!("tde: the key of relation file {} does not unwrap (tampered key store?)", e.file);
+    shmem::set_meta(s, &meta_of(&loaded));
+    shmem::with_exclusive(|x| -> Result<(), TdeError> {
+        shmem::clear(x);
+        match &kek {
+            None => shmem::set_empty(x),
+            Some(Ok(k)) => shmem::set_unlocked(x, k, &ks.store_id),
+            Some(Err(e)) => shmem::set_locked(x, &e.to_string()),
         }
-        shmem::insert(x, &info_of(e), tek.as_ref()).map_err(|f| TdeError::TableFull(f.0))?;
+        for e in ks.keys.values() {
+            shmem::insert(x, &info_of(e), &wrapped_of(e), None).map_err(|f| TdeError::TableFull(f.0))?;
+        }
+        Ok(())
+    })?;
+    if let Some(Err(e)) = kek {
+        pgrx::warning!(
+            "tde: cannot unlock the key store; encrypted relations are unreadable until the master key is available, and the key store is not authenticated until then: {e}"
+        );
     }
     Ok(())
 }
 
-/// Loads the key store into the shared table at server start.  A corrupt or
-/// unreadable key store stops the server: starting without knowing which
-/// files are encrypted could write plaintext into them.
+/// Loads the key store into the shared table at server start.  A corrupt,
+/// unauthentic or unreadable key store stops the server: starting without
+/// knowing which files are encrypted could write plaintext into them.
 pub fn load_at_startup() {
-    let result = shmem::with_exclusive(|x| match KeyStore::load(&path()) {
-        Ok(None) => {
-            shmem::set_empty(x);
-            Ok(())
-        }
-        Ok(Some(ks)) => {
-            shmem::set_store_version(x, ks.generation, &ks.store_id);
-            // Take env providers' master keys out of the postmaster's
-            // environment: children inherit them in memory, but not the
-            // programs they run (archive_command, COPY ... TO PROGRAM).
-            for p in ks.providers.iter().filter(|p| p.kind == "env") {
-                if let Some(var) = p.options.get("variable").and_then(|v| v.as_str()) {
-                    provider::capture_env_variable(var);
-                }
+    let result = shmem::with_store_lock(|s| -> Result<(), TdeError> {
+        match storefile::read(&path())? {
+            None => {
+                shmem::set_meta(s, &StoreMeta::NONE);
+                shmem::with_exclusive(shmem::set_empty);
+                Ok(())
             }
-            fill(x, &ks)
+            Some(bytes) => {
+                // Take env providers' master keys out of the postmaster's
+                // environment: children inherit them in memory, but not the
+                // programs they run (archive_command, COPY ... TO PROGRAM).
+                if let Ok(l) = storefile::parse(&bytes, &path()) {
+                    for p in l.state.providers.iter().filter(|p| p.kind == "env") {
+                        if let Some(var) = p.options.get("variable").and_then(|v| v.as_str()) {
+                            provider::capture_env_variable(var);
+                        }
+                    }
+                }
+                install(s, &bytes)
+            }
         }
-        Err(e) => Err(TdeError::from(e)),
     });
     if let Err(e) = result {
-        // Starting without knowing which files are encrypted could write
-        // plaintext into them.
         e.raise_at(pgrx::PgLogLevel::FATAL);
     }
 }
@@ -152,70 +205,122 @@ fn random_store_id() -> Result<String, TdeError> {
 }
 
 /// What a change brings along that must not be in the WAL or the file: it
-/// goes only into the shared table.
+/// goes only into shared memory.
 pub enum Secret {
     None,
     TableKey(TableKey),
     Kek(WrapKey),
 }
 
-/// Makes a batch of changes durable: WAL, file (rewritten once) and shared
+/// What a change is built from: the store's id and counters (the file is
+/// not read for a change).
+pub struct View {
+    pub store_id: String,
+    pub next_key_id: u64,
+}
+
+/// Creates the file with an empty snapshot at generation 1 (the WAL's Init).
+fn create_file(s: &StoreLock, store_id: &str) -> Result<StoreMeta, tde_core::keystore::StoreError> {
+    let mut ks = KeyStore::new(store_id.to_string());
+    ks.generation = 1;
+    let (bytes, _) = storefile::encode_snapshot(&ks, None);
+    storefile::replace(&path(), &bytes)?;
+    let loaded = storefile::parse(&bytes, &path())?;
+    let m = meta_of(&loaded);
+    shmem::set_meta(s, &m);
+    Ok(m)
+}
+
+/// The frames of `records` after `m`, keyed once a master key is set
+/// (`kek` is the new KEK if this batch sets the first master key); updates
+/// `m` to what the file holds after them.
+fn frames(m: &mut StoreMeta, records: &[Record], kek: Option<&WrapKey>) -> Result<Vec<u8>, TdeError> {
+    let mut auth =
+        if m.has_principal { Some(shmem::auth_key().ok_or_else(|| TdeError::Locked(shmem::state().1))?) } else { None };
+    let mut out = Vec::new();
+    for r in records {
+        if matches!(r.change, Change::SetPrincipal(_)) && auth.is_none() {
+            let k = kek.ok_or_else(|| TdeError::Internal("a first master key without its KEK".into()))?;
+            auth = Some(AuthKey::derive(k, &m.store_id()));
+            m.has_principal = true;
+        }
+        let (f, tag) = storefile::encode_change(&m.last_tag, r.generation, &r.change, auth.as_ref());
+        out.extend_from_slice(&f);
+        m.last_tag = tag;
+        m.generation = r.generation;
+        if let Change::AddKey(e) = &r.change {
+            m.next_key_id = m.next_key_id.max(e.key_id + 1);
+        }
+    }
+    Ok(out)
+}
+
+/// Makes a batch of changes durable: WAL, file (one append) and shared
 /// table, in that order, one batch at a time (the store lock).  `build` sees
-/// the current store and returns the changes (so it can pick key ids), each
-/// with the secret that goes with it.  It runs under the store lock but not
-/// the table lock, so it may call a key provider without stalling lookups.
-pub fn commit(build: impl FnOnce(&KeyStore) -> Result<Vec<(Change, Secret)>, TdeError>) -> Result<(), TdeError> {
+/// the store's id and counters and returns the changes, each with the secret
+/// that goes with it.  It runs under the store lock but not the table lock,
+/// so it may call a key provider without stalling lookups.
+pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeError>) -> Result<(), TdeError> {
     // SAFETY: plain call; true on a standby or during crash recovery.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Err(TdeError::InRecovery);
     }
     ensure_dir()?;
-    shmem::with_store_lock(|_s| {
-        let mut ks = match KeyStore::load(&path())? {
-            Some(ks) => ks,
-            None => {
-                // Log and save the new store before anything else, so a
-                // failing first change cannot leave the WAL with one store
-                // id and a later attempt with another.
-                let store_id = random_store_id()?;
-                let mut ks = KeyStore::new(store_id.clone());
-                ks.generation = 1;
-                log_and_save(&ks, &[Record { generation: 1, change: Change::Init { store_id } }]);
-                shmem::with_exclusive(|x| shmem::set_store_version(x, ks.generation, &ks.store_id));
-                ks
-            }
-        };
-        let (changes, secrets): (Vec<Change>, Vec<Secret>) = build(&ks)?.into_iter().unzip();
-        let first = ks.generation + 1;
-        let records: Vec<Record> =
-            changes.into_iter().zip(first..).map(|(change, generation)| Record { generation, change }).collect();
-        for r in &records {
-            ks.apply(&r.change)?;
-            ks.generation = r.generation;
+    shmem::with_store_lock(|s| {
+        let mut m = shmem::meta(s);
+        if !m.exists {
+            // Log and create the new store before anything else, so a
+            // failing first change cannot leave the WAL with one store id
+            // and a later attempt with another.
+            let store_id = random_store_id()?;
+            let _delay = DelayCheckpoint::start();
+            let lsn =
+                wal::log_records(&[Record { generation: 1, change: Change::Init { store_id: store_id.clone() } }]);
+            flush_wal(lsn);
+            m = match create_file(s, &store_id) {
+                Ok(m) => m,
+                Err(e) => TdeError::SaveAfterLog(e).raise_at(pgrx::PgLogLevel::PANIC),
+            };
         }
+        let view = View { store_id: m.store_id(), next_key_id: m.next_key_id };
+        let (changes, secrets): (Vec<Change>, Vec<Secret>) = build(&view)?.into_iter().unzip();
+        let records: Vec<Record> = changes
+            .into_iter()
+            .zip(m.generation + 1..)
+            .map(|(change, generation)| Record { generation, change })
+            .collect();
         // Refuse before anything is logged: a key that is in the WAL and the
-        // file but not in the table would leave an orphan, or worse.  The
+        // file but not in the table would make its file look plain.  The
         // table changes only under the store lock, so the count is stable.
         let new_files =
             records.iter().filter(|r| matches!(&r.change, Change::AddKey(e) if !shmem::contains(&e.file))).count();
         if shmem::used() as usize + new_files > shmem::capacity() as usize {
             return Err(TdeError::TableFull(shmem::capacity()));
         }
-        log_and_save(&ks, &records);
+        let new_kek = secrets.iter().find_map(|s| match s {
+            Secret::Kek(k) => Some(k),
+            _ => None,
+        });
+        let mut after = m;
+        let bytes = frames(&mut after, &records, new_kek)?;
+        // Providers and master keys are rare and must be in the file at
+        // once (read() sees them); table keys wait in the queue.
+        let sync = records.iter().any(|r| !matches!(r.change, Change::AddKey(_) | Change::RemoveKey { .. }));
+        log_and_queue(s, &mut after, &records, &bytes, sync);
+        shmem::set_meta(s, &after);
         shmem::with_exclusive(|x| {
-            shmem::set_store_version(x, ks.generation, &ks.store_id);
             for (r, secret) in records.iter().zip(secrets) {
                 match (&r.change, secret) {
                     (Change::AddKey(e), Secret::TableKey(tek)) => {
                         // Checked above; if it failed anyway, the file would
                         // have a key the table lacks, and look plain: restart
                         // and reload the table from the store.
-                        if let Err(f) = shmem::insert(x, &info_of(e), Some(&tek)) {
+                        if let Err(f) = shmem::insert(x, &info_of(e), &wrapped_of(e), Some(&tek)) {
                             TdeError::TableFull(f.0).raise_at(pgrx::PgLogLevel::PANIC);
                         }
                     }
-                    (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, &kek),
-                    (change, _) => apply_to_table(x, &ks, change),
+                    (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, &kek, &view.store_id),
+                    (change, _) => apply_to_table(x, change),
                 }
             }
         });
@@ -244,90 +349,204 @@ impl Drop for DelayCheckpoint {
     }
 }
 
-/// WAL first, then the file, with checkpoints held off in between.  A
-/// checkpoint whose redo point lies after our record waits until the file
-/// holds the change, so any PGDATA recovery can start from -- after a crash,
-/// from a base backup, on a standby -- has the change either in the file or
-/// in the WAL it replays.  Once the record is flushed, failing to save the
-/// file would leave the two apart for good: that is a PANIC, and crash
-/// recovery then replays the change into the file.
-fn log_and_save(ks: &KeyStore, records: &[Record]) {
+/// WAL first, then the file, with checkpoints held off in between.
+///
+/// The file must never be ahead of the durable WAL: a frame whose record a
+/// crash loses would give this server a change its standbys never see.  So
+/// frames wait in a queue in shared memory until their WAL is flushed: the
+/// next checkpoint, a full queue or a synchronous change flushes the WAL up
+/// to them and appends them all (`drain`).  A checkpoint whose redo point
+/// lies after our records waits (DELAY_CHKPT_START) until they are queued,
+/// and its hook drains and fsyncs before it completes, so any PGDATA that
+/// recovery can start from has each change either in the file or in the WAL
+/// it replays.  Once the records are in the WAL, failing to queue or append
+/// would leave the two apart: that is a PANIC, and crash recovery then
+/// appends them.
+///
+/// So a new table key costs one WAL insert and a copy into the queue; the
+/// WAL flush it waits for is usually its transaction's commit.
+fn log_and_queue(s: &StoreLock, m: &mut StoreMeta, records: &[Record], frames: &[u8], sync: bool) {
     let _delay = DelayCheckpoint::start();
-    wal::log_records(records);
-    if let Err(e) = ks.save(&path()) {
+    let lsn = wal::log_records(records);
+    if let Err(e) = queue_frames(s, m, frames, lsn, sync) {
         TdeError::SaveAfterLog(e).raise_at(pgrx::PgLogLevel::PANIC);
     }
 }
 
+fn flush_wal(lsn: u64) {
+    if lsn != 0 {
+        // SAFETY: flushes WAL this server inserted (during recovery it only
+        // advances minRecoveryPoint).
+        unsafe { pg_sys::XLogFlush(lsn) };
+    }
+}
+
+fn queue_frames(
+    s: &StoreLock,
+    m: &mut StoreMeta,
+    frames: &[u8],
+    lsn: u64,
+    sync: bool,
+) -> Result<(), tde_core::keystore::StoreError> {
+    if sync || m.pending_len as usize + frames.len() > shmem::QUEUE_BYTES {
+        drain(s, m)?;
+    }
+    if sync || frames.len() > shmem::QUEUE_BYTES {
+        flush_wal(lsn);
+        storefile::append(&path(), frames)?;
+        m.file_len += frames.len() as u64;
+        m.dirty = true;
+    } else {
+        let at = m.pending_len as usize;
+        shmem::queue_write(s, at, frames);
+        m.pending_len += frames.len() as u64;
+        m.pending_lsn = m.pending_lsn.max(lsn);
+    }
+    Ok(())
+}
+
+/// Appends the queued frames, after flushing the WAL that holds them.
+fn drain(s: &StoreLock, m: &mut StoreMeta) -> Result<(), tde_core::keystore::StoreError> {
+    if m.pending_len == 0 {
+        return Ok(());
+    }
+    flush_wal(m.pending_lsn);
+    let n = m.pending_len as usize;
+    storefile::append(&path(), &shmem::queue_read(s, n))?;
+    m.file_len += n as u64;
+    m.pending_len = 0;
+    m.pending_lsn = 0;
+    m.dirty = true;
+    Ok(())
+}
+
 /// Applies a change to the shared table when no secret came with it.
-fn apply_to_table(x: &Exclusive, ks: &KeyStore, change: &Change) {
+fn apply_to_table(x: &Exclusive, change: &Change) {
     match change {
         Change::AddKey(e) => {
-            let tek = shmem::kek_locked(x).and_then(|k| unwrap_entry(ks, &k, e));
             // In redo (a standby with a smaller tde.max_relation_keys) this
             // stops recovery: going on would treat the file as plain.
-            if let Err(f) = shmem::insert(x, &info_of(e), tek.as_ref()) {
+            if let Err(f) = shmem::insert(x, &info_of(e), &wrapped_of(e), None) {
                 TdeError::TableFull(f.0).raise();
             }
         }
         Change::RemoveKey { file } => shmem::remove(x, file),
-        // A new master key: retry unlocking if we are locked.
-        Change::SetPrincipal(_) => {
-            if shmem::kek_locked(x).is_none() {
-                if let Err(e) = fill(x, ks) {
-                    e.raise();
-                }
-            }
-        }
-        Change::Init { .. } | Change::AddProvider(_) | Change::Checkpoint { .. } => {}
+        Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_) | Change::Checkpoint { .. } => {}
     }
 }
 
-/// The record the checkpointer writes after the redo pointer of an online
-/// checkpoint (wal/mod.rs): the store generation this checkpoint vouches
-/// for.  Every change up to it is in the durable file (changes update the
-/// shared generation only after saving), so recovery from this checkpoint
-/// may refuse a store below it.  None before the store exists.
-pub fn checkpoint_record() -> Option<Record> {
+/// Whether the log part has grown enough to fold it into a new snapshot:
+/// past the snapshot's own size (and 64 kB), so compaction's O(n) rewrite is
+/// paid once per O(n) changes.
+fn should_compact(m: &StoreMeta) -> bool {
+    let log = m.file_len.saturating_sub(m.snapshot_len);
+    log > m.snapshot_len.max(64 * 1024)
+}
+
+/// Rewrites the file as one snapshot (under the store lock).
+fn compact(s: &StoreLock, m: &StoreMeta) -> Result<(), TdeError> {
+    let p = path();
+    debug_assert_eq!(m.pending_len, 0);
+    let bytes = storefile::read(&p)?.ok_or_else(|| TdeError::Internal("the key store file disappeared".into()))?;
+    let loaded = storefile::parse(&bytes, &p)?;
+    let auth = if m.has_principal {
+        let a = shmem::auth_key().ok_or_else(|| TdeError::Locked(shmem::state().1))?;
+        loaded.authenticate(&a, &p)?;
+        Some(a)
+    } else {
+        None
+    };
+    if loaded.state.generation != m.generation || loaded.valid_len != m.file_len {
+        return Err(TdeError::Internal(format!(
+            "key store file \"{}\" is not what this server wrote (generation {}, expected {})",
+            p.display(),
+            loaded.state.generation,
+            m.generation
+        )));
+    }
+    let (snapshot, _) = storefile::encode_snapshot(&loaded.state, auth.as_ref());
+    storefile::replace(&p, &snapshot)?;
+    let fresh = storefile::parse(&snapshot, &p)?;
+    shmem::set_meta(s, &meta_of(&fresh));
+    Ok(())
+}
+
+/// CheckPoint_hook (every checkpoint and restartpoint, in the
+/// checkpointer): makes every appended frame durable -- an fsync, or a
+/// compaction -- and returns the record an online checkpoint writes after
+/// its redo pointer: the generation it vouches for.  Every change up to it
+/// is then durable in the file, so recovery from this checkpoint may refuse
+/// a store below it.  None before the store exists.
+///
+/// A failed fsync is a PANIC, as for PostgreSQL's own data files: the
+/// checkpoint must not complete as if the changes were durable.
+pub fn checkpoint() -> Option<Record> {
     if !shmem::is_attached() {
         return None;
     }
-    let (generation, store_id) = shmem::store_version();
-    (generation > 0).then_some(Record { generation, change: Change::Checkpoint { store_id } })
+    shmem::with_store_lock(|s| {
+        let mut m = shmem::meta(s);
+        if !m.exists {
+            return None;
+        }
+        if let Err(e) = drain(s, &mut m) {
+            TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
+        }
+        shmem::set_meta(s, &m);
+        if m.dirty || should_compact(&m) {
+            let compacted = should_compact(&m) && {
+                match compact(s, &m) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        pgrx::log!("tde: key store compaction skipped: {e}");
+                        false
+                    }
+                }
+            };
+            if !compacted {
+                if let Err(e) = storefile::sync(&path()) {
+                    TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
+                }
+            }
+            let mut m = shmem::meta(s);
+            m.dirty = false;
+            shmem::set_meta(s, &m);
+        }
+        Some(Record { generation: m.generation, change: Change::Checkpoint { store_id: m.store_id() } })
+    })
 }
 
 fn refuse_store(why: String) -> ! {
     TdeError::StoreRefused(why).raise()
 }
 
-/// Redo of a WAL record: the same change, applied to this server's file and
-/// table, in generation order.  A store file that is missing, older than the
-/// WAL, or another cluster's, stops recovery (an ERROR in the startup
-/// process is FATAL): going on would treat some encrypted files as plain.
+/// Redo of a WAL record: the same change, appended to this server's file
+/// and applied to its table, in generation order.  A store file that is
+/// missing, older than the WAL, or another cluster's, stops recovery (an
+/// ERROR in the startup process is FATAL): going on would treat some
+/// encrypted files as plain.  So does a locked store: a change cannot be
+/// appended without the key that authenticates the file.
 pub fn redo(rec: &Record) {
     if let Err(e) = ensure_dir() {
         e.raise();
     }
     let p = path();
-    shmem::with_store_lock(|_s| {
-        let loaded = match KeyStore::load(&p) {
-            Ok(ks) => ks,
-            Err(e) => TdeError::from(e).raise(),
-        };
+    shmem::with_store_lock(|s| {
+        let m = shmem::meta(s);
         let record_store = match &rec.change {
             Change::Init { store_id } | Change::Checkpoint { store_id } => Some(store_id),
             _ => None,
         };
-        if let (Some(ks), Some(id)) = (&loaded, record_store) {
-            if &ks.store_id != id {
+        if let (true, Some(id)) = (m.exists, record_store) {
+            if m.store_id() != *id {
                 refuse_store(format!(
                     "key store file \"{}\" belongs to another cluster (store {}, the WAL has store {id})",
                     p.display(),
-                    ks.store_id
+                    m.store_id()
                 ));
             }
         }
-        match redo_step(loaded.as_ref().map(|ks| ks.generation), rec) {
+        match redo_step(m.exists.then_some(m.generation), rec) {
             RedoStep::Done => {}
             RedoStep::Missing { need } => refuse_store(format!(
                 "key store file \"{}\" is missing, but the WAL needs it at generation {need}",
@@ -337,31 +556,62 @@ pub fn redo(rec: &Record) {
                 "key store file \"{}\" is older than the WAL: it has generation {have}, the WAL needs {need}",
                 p.display()
             )),
-            RedoStep::Apply => {
-                let mut ks = match (loaded, &rec.change) {
-                    (Some(ks), _) => ks,
-                    (None, Change::Init { store_id }) => KeyStore::new(store_id.clone()),
-                    (None, _) => unreachable!("redo_step applies only Init without a file"),
-                };
-                if let Err(e) = ks.apply(&rec.change) {
-                    TdeError::from(e).raise();
+            RedoStep::Apply => match &rec.change {
+                Change::Init { store_id } => {
+                    if let Err(e) = create_file(s, store_id) {
+                        TdeError::from(e).raise();
+                    }
                 }
-                ks.generation = rec.generation;
-                if let Err(e) = ks.save(&p) {
-                    TdeError::from(e).raise();
-                }
-                shmem::with_exclusive(|x| {
-                    shmem::set_store_version(x, ks.generation, &ks.store_id);
-                    apply_to_table(x, &ks, &rec.change);
-                });
-            }
+                change => redo_apply(s, m, rec, change),
+            },
         }
     })
 }
 
-/// Removes the keys of dropped files, rewriting the file once.  Runs after
-/// commit (or in redo), where an ERROR is not allowed: failures are logged
-/// and leave orphan keys, which are harmless.
+fn redo_apply(s: &StoreLock, m: StoreMeta, rec: &Record, change: &Change) {
+    // A first master key on a standby: unwrap its KEK here, with this
+    // server's provider configuration (the same keyring or variable).
+    let mut new_kek = None;
+    if let (Change::SetPrincipal(p), false) = (change, m.has_principal) {
+        let ks = match read() {
+            Ok(Some(mut ks)) => {
+                ks.principal = Some(p.clone());
+                ks
+            }
+            Ok(None) => refuse_store("the key store file disappeared".into()),
+            Err(e) => e.raise(),
+        };
+        new_kek = Some(unlock(&ks).unwrap_or_else(|e| {
+            refuse_store(format!("cannot replay the first master key of the key store on this server: {e}"))
+        }));
+    }
+    if m.has_principal && shmem::auth_key().is_none() {
+        refuse_store(format!(
+            "cannot replay a key store change while the key store is locked (replaying needs the master key): {}",
+            shmem::state().1
+        ));
+    }
+    let mut after = m;
+    let bytes = match frames(&mut after, std::slice::from_ref(rec), new_kek.as_ref()) {
+        Ok(b) => b,
+        Err(e) => e.raise(),
+    };
+    // The WAL being replayed is durable already: append at once.
+    if let Err(e) = storefile::append(&path(), &bytes) {
+        TdeError::from(e).raise();
+    }
+    after.file_len += bytes.len() as u64;
+    after.dirty = true;
+    shmem::set_meta(s, &after);
+    shmem::with_exclusive(|x| match (change, &new_kek) {
+        (Change::SetPrincipal(_), Some(kek)) => shmem::set_unlocked(x, kek, &m.store_id()),
+        _ => apply_to_table(x, change),
+    });
+}
+
+/// Removes the keys of dropped files with one append.  Runs after commit
+/// (or in redo), where an ERROR is not allowed: failures are logged and
+/// leave orphan keys in the file, which are harmless.
 pub fn remove_quietly(files: &[FileId]) {
     if !shmem::is_attached() {
         return;
@@ -370,28 +620,51 @@ pub fn remove_quietly(files: &[FileId]) {
     if files.is_empty() {
         return;
     }
-    shmem::with_store_lock(|_s| {
-        let result = (|| -> Result<(), TdeError> {
-            if let Some(mut ks) = KeyStore::load(&path())? {
-                for file in &files {
-                    ks.apply(&Change::RemoveKey { file: *file })?;
-                }
-                ks.save(&path())?;
+    shmem::with_store_lock(|s| {
+        let m = shmem::meta(s);
+        let result = (|| -> Result<StoreMeta, TdeError> {
+            let auth = shmem::auth_key().ok_or_else(|| TdeError::Locked(shmem::state().1))?;
+            let mut after = m;
+            let mut bytes = Vec::new();
+            for file in &files {
+                // Same generation: this change is not in the WAL.
+                let (f, tag) = storefile::encode_change(
+                    &after.last_tag,
+                    m.generation,
+                    &Change::RemoveKey { file: *file },
+                    Some(&auth),
+                );
+                bytes.extend_from_slice(&f);
+                after.last_tag = tag;
             }
-            Ok(())
+            queue_frames(s, &mut after, &bytes, 0, false)?;
+            Ok(after)
         })();
+        match result {
+            Ok(after) => shmem::set_meta(s, &after),
+            Err(e) => pgrx::warning!("tde: could not remove the keys of {} dropped file(s): {e}", files.len()),
+        }
         shmem::with_exclusive(|x| {
             for file in &files {
                 shmem::remove(x, file);
             }
         });
-        if let Err(e) = result {
-            pgrx::warning!("tde: could not remove the keys of {} dropped file(s): {e}", files.len());
-        }
     })
 }
 
-/// Reads the key store (for SQL functions that list providers).
+/// Reads the whole key store for its providers and master key, which are
+/// written synchronously (queued table keys may be missing).  O(n), so never
+/// on a per-table path.  Authenticated when the store is unlocked.
 pub fn read() -> Result<Option<KeyStore>, TdeError> {
-    Ok(KeyStore::load(&path())?)
+    let p = path();
+    match storefile::read(&p)? {
+        None => Ok(None),
+        Some(bytes) => {
+            let l = storefile::parse(&bytes, &p)?;
+            if let (true, Some(a)) = (l.needs_auth(), shmem::auth_key()) {
+                l.authenticate(&a, &p)?;
+            }
+            Ok(Some(l.state))
+        }
+    }
 }

@@ -103,6 +103,18 @@ fn tde_key_store_state() -> TableIterator<'static, (name!(state, String), name!(
     TableIterator::once((s.to_string(), (!reason.is_empty()).then_some(reason)))
 }
 
+/// The shared key cache: its size (tde.key_cache_size), how many keys it
+/// holds unwrapped, and its hits, misses (a key unwrapped from the key
+/// table) and evictions since the server started.
+#[pg_extern(volatile)]
+fn tde_key_cache() -> TableIterator<
+    'static,
+    (name!(size, i32), name!(used, i32), name!(hits, i64), name!(misses, i64), name!(evictions, i64)),
+> {
+    let c = keys::cache_stats();
+    TableIterator::once((c.size as i32, c.used as i32, c.hits as i64, c.misses as i64, c.evictions as i64))
+}
+
 fn to_timestamp(secs: f64) -> TimestampWithTimeZone {
     pgrx::datetime::to_timestamp(secs)
 }

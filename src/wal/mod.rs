@@ -76,23 +76,22 @@ fn insert(rec: &Record, unimportant: bool) -> pg_sys::XLogRecPtr {
     }
 }
 
-/// Writes `records` to the WAL and flushes once.
-pub fn log_records(records: &[Record]) {
+/// Writes `records` to the WAL (no flush: keys/store.rs decides when) and
+/// returns the end of the last one.
+pub fn log_records(records: &[Record]) -> pg_sys::XLogRecPtr {
     let mut lsn = 0;
     for r in records {
         lsn = insert(r, false);
     }
-    if lsn != 0 {
-        // SAFETY: flushes WAL we just inserted.
-        unsafe { pg_sys::XLogFlush(lsn) };
-    }
+    lsn
 }
 
-/// CheckPoint_hook: online checkpoints (not restartpoints, not shutdown or
-/// end-of-recovery checkpoints, which may not insert WAL) write a record of
-/// the store generation they vouch for.  Marked unimportant, so an idle
-/// server still skips its idle checkpoints.  No flush: the checkpoint record
-/// that follows is flushed.
+/// CheckPoint_hook: every checkpoint and restartpoint makes the key store
+/// file durable (keys/store.rs).  Online checkpoints (not restartpoints, not
+/// shutdown or end-of-recovery checkpoints, which may not insert WAL) then
+/// write a record of the store generation they vouch for.  Marked
+/// unimportant, so an idle server still skips its idle checkpoints.  No
+/// flush: the checkpoint record that follows is flushed.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn checkpoint(redo: pg_sys::XLogRecPtr, flags: std::ffi::c_int) {
     // SAFETY: chaining to the previous hook with our own arguments.
@@ -100,12 +99,13 @@ unsafe extern "C-unwind" fn checkpoint(redo: pg_sys::XLogRecPtr, flags: std::ffi
         // SAFETY: the hook that was installed before ours, with our own arguments.
         unsafe { prev(redo, flags) };
     }
+    let rec = crate::keys::checkpoint();
     let no_wal = (pg_sys::CHECKPOINT_IS_SHUTDOWN | pg_sys::CHECKPOINT_END_OF_RECOVERY) as std::ffi::c_int;
     // SAFETY: plain call.
     if flags & no_wal != 0 || unsafe { pg_sys::RecoveryInProgress() } {
         return;
     }
-    if let Some(rec) = crate::keys::checkpoint_record() {
+    if let Some(rec) = rec {
         insert(&rec, true);
     }
 }

@@ -10,32 +10,17 @@
 //!
 //! Key hierarchy (documented in docs/keys.md): a master key (MEK) in a
 //! provider wraps one key-encryption key (KEK) per cluster; the KEK wraps
-//! each table key (TEK).  Start-up and master-key rotation therefore cost one
-//! provider call however many tables there are.
+//! each table key (TEK) and, through a derived key, authenticates the file.
+//! Start-up and master-key rotation therefore cost one provider call however
+//! many tables there are.
 //!
-//! File layout (all integers little-endian):
-//!
-//! ```text
-//!  0        8         12          20                          52
-//!  +--------+---------+-----------+---------------------------+------------------+
-//!  | magic  | version | body len  | SHA-256 of body           | body (JSON, UTF-8)|
-//!  +--------+---------+-----------+---------------------------+------------------+
-//!  magic = "PGTDEKS\0", version = 1
-//! ```
-//!
-//! The file is only ever replaced whole (write a temporary file, fsync,
-//! rename, fsync the directory), so a torn write leaves the old file.  A file
-//! that fails any check is reported as corrupt, never silently repaired.
+//! The file format (an authenticated append-only log of these changes,
+//! compacted into a snapshot) is in [`crate::storefile`].
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
-pub const MAGIC: &[u8; 8] = b"PGTDEKS\0";
-pub const FORMAT_VERSION: u32 = 1;
-const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// The only page cipher so far.
 pub const ALGORITHM_XTS: &str = "AES-256-XTS";
 
@@ -92,7 +77,10 @@ pub struct KeyStore {
     pub providers: Vec<ProviderEntry>,
     pub principal: Option<Principal>,
     pub next_key_id: u64,
-    pub keys: Vec<KeyEntry>,
+    /// Table keys by file (stored as a JSON list), so that replaying a
+    /// long log costs O(log n) per change.
+    #[serde(with = "keys_as_list")]
+    pub keys: BTreeMap<FileId, KeyEntry>,
     /// How many changes the store has taken (see [`Record`]): 1 after Init.
     #[serde(default)]
     pub generation: u64,
@@ -182,7 +170,14 @@ pub enum StoreError {
 
 impl KeyStore {
     pub fn new(store_id: String) -> KeyStore {
-        KeyStore { store_id, providers: Vec::new(), principal: None, next_key_id: 1, keys: Vec::new(), generation: 0 }
+        KeyStore {
+            store_id,
+            providers: Vec::new(),
+            principal: None,
+            next_key_id: 1,
+            keys: BTreeMap::new(),
+            generation: 0,
+        }
     }
 
     pub fn provider(&self, name: &str) -> Option<&ProviderEntry> {
@@ -190,7 +185,7 @@ impl KeyStore {
     }
 
     pub fn key(&self, file: &FileId) -> Option<&KeyEntry> {
-        self.keys.iter().find(|k| &k.file == file)
+        self.keys.get(file)
     }
 
     /// Applies a change.  Idempotent: applying the same change twice leaves
@@ -205,91 +200,35 @@ impl KeyStore {
             },
             Change::SetPrincipal(p) => self.principal = Some(p.clone()),
             Change::AddKey(k) => {
-                self.keys.retain(|e| e.file != k.file);
                 self.next_key_id = self.next_key_id.max(k.key_id + 1);
-                self.keys.push(k.clone());
+                self.keys.insert(k.file, k.clone());
             }
-            Change::RemoveKey { file } => self.keys.retain(|e| &e.file != file),
+            Change::RemoveKey { file } => {
+                self.keys.remove(file);
+            }
             Change::Checkpoint { .. } => {}
         }
         Ok(())
     }
-
-    /// Serialises to the on-disk format.
-    pub fn encode(&self) -> Vec<u8> {
-        // Serialising plain data with string keys cannot fail.
-        let body = serde_json::to_vec(self).unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&Sha256::digest(&body));
-        out.extend_from_slice(&body);
-        out
-    }
-
-    /// Parses the on-disk format; `path` only names the file in errors.
-    pub fn decode(bytes: &[u8], path: &Path) -> Result<KeyStore, StoreError> {
-        let corrupt = |why: &str| StoreError::Corrupt { path: path.to_path_buf(), why: why.to_string() };
-        if bytes.len() < HEADER_LEN {
-            return Err(corrupt("file is shorter than its header (truncated)"));
-        }
-        if &bytes[0..8] != MAGIC {
-            return Err(corrupt("bad magic number: not a tde key store"));
-        }
-        let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-        if version != FORMAT_VERSION {
-            return Err(corrupt(&format!("unsupported format version {version}")));
-        }
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&bytes[12..20]);
-        let len = u64::from_le_bytes(len);
-        let body = &bytes[HEADER_LEN..];
-        if body.len() as u64 != len {
-            return Err(corrupt(&format!("body is {} bytes, header says {len} (truncated?)", body.len())));
-        }
-        if Sha256::digest(body).as_slice() != &bytes[20..52] {
-            return Err(corrupt("checksum mismatch"));
-        }
-        serde_json::from_slice(body).map_err(|e| corrupt(&format!("malformed body: {e}")))
-    }
-
-    /// Reads the store from `path`; `Ok(None)` if the file does not exist.
-    pub fn load(path: &Path) -> Result<Option<KeyStore>, StoreError> {
-        match fs::read(path) {
-            Ok(bytes) => KeyStore::decode(&bytes, path).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { what: "read", path: path.to_path_buf(), source }),
-        }
-    }
-
-    /// Replaces the file at `path` atomically: write a temporary file,
-    /// fsync it, rename it over `path`, fsync the directory.
-    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
-        write_atomically(path, &self.encode(), 0o600).map_err(|(what, source)| StoreError::Io {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
-    }
 }
 
-/// Write, fsync, rename, fsync the directory.  The temporary file is created
-/// with `mode` so a secret file is never briefly world-readable.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), (&'static str, std::io::Error)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f =
-        OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(|e| ("create", e))?;
-    f.write_all(bytes).map_err(|e| ("write", e))?;
-    f.sync_all().map_err(|e| ("fsync", e))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(|e| ("rename", e))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| ("fsync directory of", e))?;
-    Ok(())
+mod keys_as_list {
+    use super::{BTreeMap, FileId, KeyEntry};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(keys: &BTreeMap<FileId, KeyEntry>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(keys.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<FileId, KeyEntry>, D::Error> {
+        let list = Vec::<KeyEntry>::deserialize(d)?;
+        let n = list.len();
+        let map: BTreeMap<FileId, KeyEntry> = list.into_iter().map(|k| (k.file, k)).collect();
+        if map.len() != n {
+            return Err(serde::de::Error::custom("two keys for one relation file"));
+        }
+        Ok(map)
+    }
 }
 
 /// Associated data binding a wrapped TEK to the file it protects, so a
@@ -340,47 +279,15 @@ mod tests {
     }
 
     #[test]
-    fn round_trip() {
-        let ks = sample();
-        let back = KeyStore::decode(&ks.encode(), Path::new("x")).unwrap();
-        assert_eq!(ks, back);
-        assert_eq!(back.next_key_id, 8);
-    }
-
-    #[test]
-    fn every_truncation_is_detected() {
-        let bytes = sample().encode();
-        for n in 0..bytes.len() {
-            let err = KeyStore::decode(&bytes[..n], Path::new("ks")).unwrap_err();
-            assert!(matches!(err, StoreError::Corrupt { .. }), "truncated at {n}");
-        }
-    }
-
-    #[test]
-    fn every_flipped_byte_is_detected() {
-        let bytes = sample().encode();
-        for i in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 0x01;
-            assert!(KeyStore::decode(&b, Path::new("ks")).is_err(), "flip at {i}");
-        }
-    }
-
-    #[test]
-    fn corrupt_error_names_the_file() {
-        let msg = KeyStore::decode(b"nonsense", Path::new("/data/tde/keystore")).unwrap_err().to_string();
-        assert!(msg.contains("/data/tde/keystore") && msg.contains("corrupt"), "{msg}");
-    }
-
-    #[test]
     fn apply_is_idempotent() {
         let mut ks = sample();
         let before = ks.clone();
-        let change = Change::AddKey(before.keys[0].clone());
+        let first = before.keys.values().next().unwrap().clone();
+        let change = Change::AddKey(first.clone());
         ks.apply(&change).unwrap();
         ks.apply(&change).unwrap();
         assert_eq!(ks, before);
-        let rm = Change::RemoveKey { file: before.keys[0].file };
+        let rm = Change::RemoveKey { file: first.file };
         ks.apply(&rm).unwrap();
         ks.apply(&rm).unwrap();
         assert!(ks.keys.is_empty());
@@ -400,25 +307,22 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_a_list_in_json_and_duplicates_are_refused() {
+        let ks = sample();
+        let v = serde_json::to_value(&ks).unwrap();
+        assert!(v["keys"].is_array());
+        assert_eq!(serde_json::from_value::<KeyStore>(v.clone()).unwrap(), ks);
+        let mut dup = v;
+        let k = dup["keys"][0].clone();
+        dup["keys"].as_array_mut().unwrap().push(k);
+        assert!(serde_json::from_value::<KeyStore>(dup).is_err());
+    }
+
+    #[test]
     fn change_round_trips_through_json() {
         let c = Change::RemoveKey { file: FileId { spc: 1, db: 2, rel: 3 } };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Change>(&s).unwrap(), c);
-    }
-
-    #[test]
-    fn save_and_load_atomically() {
-        let dir = std::env::temp_dir().join(format!("tde-ks-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("keystore");
-        assert!(KeyStore::load(&path).unwrap().is_none());
-        let ks = sample();
-        ks.save(&path).unwrap();
-        assert_eq!(KeyStore::load(&path).unwrap().unwrap(), ks);
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(!dir.join("keystore.tmp").exists());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     fn rec(generation: u64, change: Change) -> Record {
@@ -447,10 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn generation_survives_the_file_format() {
-        let mut ks = sample();
-        ks.generation = 42;
-        assert_eq!(KeyStore::decode(&ks.encode(), Path::new("x")).unwrap().generation, 42);
+    fn record_round_trips_through_json() {
         let r = rec(7, Change::Checkpoint { store_id: "abc".into() });
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&s).unwrap(), r);

@@ -1,46 +1,78 @@
-//! The shared key table's algorithm, over slots the caller provides.
+//! The shared key table and key cache algorithms, over slots the caller provides.
 //!
-//! Why this exists: the server keeps every unwrapped table key in one region
-//! of shared memory (src/keys/shmem.rs), which all processes read and which
-//! must never tell "no key" for a file that has one.  The hashing, probing,
-//! insertion and removal are plain computation over a slice of slots, so
-//! they live here, where `cargo test` checks them without a server; the
-//! server side keeps only the shared memory, the lock and `mlock`.
+//! Why this exists: the server keeps, in shared memory (src/keys/shmem.rs),
 //!
-//! Layout: open addressing with linear probing and tombstones.  A slot whose
-//! bytes are all zero is free, so a zero-filled region is an empty table.
-//! The table holds at most `max` entries and is given more slots than that
-//! (the server uses twice as many), so a probe always reaches a free slot.
-//! Removal zeroes the key and leaves a tombstone, which insertion reuses.
+//! - the *key table*: one entry per encrypted relation file, with its table
+//!   key **wrapped** by the KEK -- the key store's image, which must never
+//!   say "no key" for a file that has one; and
+//! - the *key cache*: a bounded number of **unwrapped** table keys
+//!   (`tde.key_cache_size`), evicted by the clock algorithm PostgreSQL's
+//!   buffer manager uses (an approximation of least-recently-used).
 //!
-//! A [`Slot`] holds an unwrapped key: it is neither `Clone` nor `Copy`, and
-//! its key leaves only through [`KeyTable::key`] into a zeroizing buffer.
+//! A lookup finds the file in the table (absent: the file is plain), then
+//! its key in the cache; a cache miss unwraps the table's copy with the KEK
+//! and caches it, evicting (and zeroizing) another key.  So how many keys
+//! are unwrapped at once is bounded, but whether a file is encrypted is
+//! never decided by the cache.
+//!
+//! The hashing, probing, insertion, removal and eviction are plain
+//! computation over slices, so they live here, where `cargo test` checks
+//! them without a server; the server keeps only the memory, the locks and
+//! `mlock`.
+//!
+//! Table layout: open addressing with linear probing and tombstones.  A slot
+//! whose bytes are all zero is free, so a zero-filled region is an empty
+//! table.  The table holds at most `max` entries and is given more slots than
+//! that (the server uses twice as many), so a probe always reaches a free
+//! slot.  Removal leaves a tombstone, which insertion reuses.
+//!
+//! A [`CacheSlot`] holds an unwrapped key: it is neither `Clone` nor `Copy`,
+//! and its key leaves only through [`KeyCacheView::get`] into a zeroizing
+//! buffer.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::keystore::FileId;
 use crate::secret::TABLE_KEY_LEN;
+use crate::wrap::WRAPPED_TABLE_KEY_LEN;
 
 const FREE: u8 = 0;
 const USED: u8 = 1;
 const DELETED: u8 = 2;
 
-/// One entry, `repr(C)` because it lives in shared memory.
+/// One table entry, `repr(C)` because it lives in shared memory.  Holds a
+/// wrapped key only.
 #[repr(C)]
 pub struct Slot {
     state: u8,
-    has_key: u8,
+    /// The wrapped key failed to unwrap (tampered or foreign entry).
+    bad: u8,
+    _pad: [u8; 2],
+    /// 1 + index of the cache slot that last held this key (0: none).  Only
+    /// a hint: the cache slot says whose key it holds.
+    cache: u32,
     file: [u32; 3],
-    key_id: u64,
     version: u32,
+    key_id: u64,
     created: i64,
-    tek: [u8; TABLE_KEY_LEN],
+    wrapped: [u8; WRAPPED_TABLE_KEY_LEN],
 }
 
 impl Slot {
     /// A free slot (all zero bytes), for building a table outside shared memory.
-    pub const FREE: Slot =
-        Slot { state: FREE, has_key: 0, file: [0; 3], key_id: 0, version: 0, created: 0, tek: [0; TABLE_KEY_LEN] };
+    pub const FREE: Slot = Slot {
+        state: FREE,
+        bad: 0,
+        _pad: [0; 2],
+        cache: 0,
+        file: [0; 3],
+        version: 0,
+        key_id: 0,
+        created: 0,
+        wrapped: [0; WRAPPED_TABLE_KEY_LEN],
+    };
 
     fn file(&self) -> FileId {
         FileId { spc: self.file[0], db: self.file[1], rel: self.file[2] }
@@ -54,17 +86,20 @@ pub struct KeyInfo {
     pub key_id: u64,
     pub version: u32,
     pub created: i64,
-    /// Whether the unwrapped key is present (false: known, but locked or
-    /// failed to unwrap).
+    /// False if the key is known to be unusable (it failed to unwrap).
     pub usable: bool,
 }
 
-/// What a lookup found.
-pub enum Found {
-    NotEncrypted,
-    Key(Zeroizing<[u8; TABLE_KEY_LEN]>),
-    /// Encrypted, but the key cannot be used (store locked, bad wrap).
-    Unavailable,
+/// A table entry as a lookup sees it.
+pub struct Entry {
+    /// Index of the table slot, for [`KeyTable::set_cache`] and friends.
+    pub slot: usize,
+    pub key_id: u64,
+    pub version: u32,
+    pub bad: bool,
+    /// The cache slot that may hold the unwrapped key.
+    pub cache: Option<u32>,
+    pub wrapped: [u8; WRAPPED_TABLE_KEY_LEN],
 }
 
 /// The table is full: it holds `0` entries already.
@@ -124,24 +159,33 @@ impl<'a> KeyTable<'a> {
         self.probe(f).is_some()
     }
 
-    pub fn find(&self, f: &FileId) -> Found {
-        match self.probe(f) {
-            None => Found::NotEncrypted,
-            Some(i) if self.slots[i].has_key == 1 => Found::Key(Zeroizing::new(self.slots[i].tek)),
-            Some(_) => Found::Unavailable,
-        }
+    /// The entry of `f`; None means the file is not encrypted.
+    pub fn get(&self, f: &FileId) -> Option<Entry> {
+        let i = self.probe(f)?;
+        let s = &self.slots[i];
+        Some(Entry {
+            slot: i,
+            key_id: s.key_id,
+            version: s.version,
+            bad: s.bad != 0,
+            cache: s.cache.checked_sub(1),
+            wrapped: s.wrapped,
+        })
     }
 
-    /// The unwrapped key of `f`, if present and usable.
-    pub fn key(&self, f: &FileId) -> Option<Zeroizing<[u8; TABLE_KEY_LEN]>> {
-        match self.find(f) {
-            Found::Key(k) => Some(k),
-            _ => None,
-        }
+    /// Remembers which cache slot holds the key of table slot `slot`.
+    pub fn set_cache(&mut self, slot: usize, cache: u32) {
+        self.slots[slot].cache = cache + 1;
     }
 
-    /// Inserts or replaces the entry of `info.file`, with its key if given.
-    pub fn insert(&mut self, info: &KeyInfo, tek: Option<&[u8; TABLE_KEY_LEN]>) -> Result<(), TableFull> {
+    /// Marks the key of table slot `slot` as failing to unwrap.
+    pub fn mark_bad(&mut self, slot: usize) {
+        self.slots[slot].bad = 1;
+    }
+
+    /// Inserts or replaces the entry of `info.file`.  A replaced entry
+    /// forgets its cache slot, so the old key is never served for it.
+    pub fn insert(&mut self, info: &KeyInfo, wrapped: &[u8; WRAPPED_TABLE_KEY_LEN]) -> Result<(), TableFull> {
         let idx = match self.probe(&info.file) {
             Some(i) => i,
             None => {
@@ -159,38 +203,32 @@ impl<'a> KeyTable<'a> {
         };
         let s = &mut self.slots[idx];
         s.state = USED;
+        s.bad = 0;
+        s.cache = 0;
         s.file = [info.file.spc, info.file.db, info.file.rel];
         s.key_id = info.key_id;
         s.version = info.version;
         s.created = info.created;
-        match tek {
-            Some(k) => {
-                s.tek.copy_from_slice(k);
-                s.has_key = 1;
-            }
-            None => {
-                s.tek.zeroize();
-                s.has_key = 0;
-            }
-        }
+        s.wrapped.copy_from_slice(wrapped);
         Ok(())
     }
 
-    /// Removes the entry of `f`, zeroing its key.  Returns whether it was there.
-    pub fn remove(&mut self, f: &FileId) -> bool {
-        let Some(i) = self.probe(f) else { return false };
+    /// Removes the entry of `f`.  Returns its cache slot hint if it was there.
+    pub fn remove(&mut self, f: &FileId) -> Option<Option<u32>> {
+        let i = self.probe(f)?;
         let s = &mut self.slots[i];
-        s.tek.zeroize();
-        s.has_key = 0;
+        let cache = s.cache.checked_sub(1);
+        s.wrapped.zeroize();
+        s.cache = 0;
+        s.bad = 0;
         s.state = DELETED;
         *self.used -= 1;
-        true
+        Some(cache)
     }
 
-    /// Empties the table, zeroing every key.
+    /// Empties the table.
     pub fn clear(&mut self) {
         for s in self.slots.iter_mut() {
-            s.tek.zeroize();
             *s = Slot::FREE;
         }
         *self.used = 0;
@@ -206,9 +244,131 @@ impl<'a> KeyTable<'a> {
                 key_id: s.key_id,
                 version: s.version,
                 created: s.created,
-                usable: s.has_key == 1,
+                usable: s.bad == 0,
             })
             .collect()
+    }
+}
+
+/// One cached unwrapped key, `repr(C)` because it lives in shared memory.
+#[repr(C)]
+pub struct CacheSlot {
+    used: u8,
+    /// Set by every hit (under a shared lock, hence atomic), cleared by the
+    /// clock hand: a key used since the hand last passed gets another round.
+    referenced: AtomicU8,
+    _pad: [u8; 2],
+    file: [u32; 3],
+    key_id: u64,
+    tek: [u8; TABLE_KEY_LEN],
+}
+
+impl CacheSlot {
+    /// A free slot (all zero bytes), for building a cache outside shared memory.
+    pub fn free() -> CacheSlot {
+        CacheSlot {
+            used: 0,
+            referenced: AtomicU8::new(0),
+            _pad: [0; 2],
+            file: [0; 3],
+            key_id: 0,
+            tek: [0; TABLE_KEY_LEN],
+        }
+    }
+
+    fn holds(&self, f: &FileId, key_id: u64) -> bool {
+        self.used == 1 && self.file == [f.spc, f.db, f.rel] && self.key_id == key_id
+    }
+
+    fn wipe(&mut self) {
+        self.tek.zeroize();
+        self.used = 0;
+        self.file = [0; 3];
+        self.key_id = 0;
+        self.referenced.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Read access to the cache (a shared lock is enough).
+pub struct KeyCacheView<'a> {
+    slots: &'a [CacheSlot],
+}
+
+impl<'a> KeyCacheView<'a> {
+    pub fn new(slots: &'a [CacheSlot]) -> KeyCacheView<'a> {
+        KeyCacheView { slots }
+    }
+
+    /// The key of `f` (version `key_id`) if cache slot `i` holds it; marks
+    /// it referenced.
+    pub fn get(&self, i: u32, f: &FileId, key_id: u64) -> Option<Zeroizing<[u8; TABLE_KEY_LEN]>> {
+        let s = self.slots.get(i as usize)?;
+        if !s.holds(f, key_id) {
+            return None;
+        }
+        s.referenced.store(1, Ordering::Relaxed);
+        Some(Zeroizing::new(s.tek))
+    }
+
+    /// How many slots hold a key.
+    pub fn used(&self) -> usize {
+        self.slots.iter().filter(|s| s.used == 1).count()
+    }
+}
+
+/// Write access to the cache (the lock held exclusively).
+pub struct KeyCache<'a> {
+    slots: &'a mut [CacheSlot],
+    hand: &'a mut u32,
+}
+
+impl<'a> KeyCache<'a> {
+    pub fn new(slots: &'a mut [CacheSlot], hand: &'a mut u32) -> KeyCache<'a> {
+        assert!(!slots.is_empty(), "a key cache needs at least one slot");
+        KeyCache { slots, hand }
+    }
+
+    /// Caches `tek` as the key of `f`; returns the slot used and whether
+    /// another key was evicted (and zeroized) to make room.
+    pub fn insert(&mut self, f: &FileId, key_id: u64, tek: &[u8; TABLE_KEY_LEN]) -> (u32, bool) {
+        let n = self.slots.len() as u32;
+        // Two turns of the hand always find a victim: the first clears every
+        // reference bit it passes.
+        let mut victim = *self.hand % n;
+        for _ in 0..2 * n {
+            let i = *self.hand % n;
+            *self.hand = (i + 1) % n;
+            let s = &self.slots[i as usize];
+            if s.used == 0 || s.referenced.swap(0, Ordering::Relaxed) == 0 {
+                victim = i;
+                break;
+            }
+        }
+        let s = &mut self.slots[victim as usize];
+        let evicted = s.used == 1;
+        s.wipe();
+        s.used = 1;
+        s.file = [f.spc, f.db, f.rel];
+        s.key_id = key_id;
+        s.tek.copy_from_slice(tek);
+        s.referenced.store(1, Ordering::Relaxed);
+        (victim, evicted)
+    }
+
+    /// Zeroizes slot `i` if it holds the key of `f` (the file was dropped).
+    pub fn forget(&mut self, i: u32, f: &FileId) {
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            if s.used == 1 && s.file == [f.spc, f.db, f.rel] {
+                s.wipe();
+            }
+        }
+    }
+
+    /// Zeroizes every slot (the store was locked or reloaded).
+    pub fn clear(&mut self) {
+        for s in self.slots.iter_mut() {
+            s.wipe();
+        }
     }
 }
 
@@ -220,8 +380,16 @@ mod tests {
         (0..n).map(|_| Slot::FREE).collect()
     }
 
+    fn cslots(n: usize) -> Vec<CacheSlot> {
+        (0..n).map(|_| CacheSlot::free()).collect()
+    }
+
     fn info(rel: u32) -> KeyInfo {
         KeyInfo { file: FileId { spc: 1663, db: 5, rel }, key_id: u64::from(rel), version: 1, created: 7, usable: true }
+    }
+
+    fn wrapped(b: u8) -> [u8; WRAPPED_TABLE_KEY_LEN] {
+        [b; WRAPPED_TABLE_KEY_LEN]
     }
 
     fn key(b: u8) -> [u8; TABLE_KEY_LEN] {
@@ -229,21 +397,27 @@ mod tests {
     }
 
     #[test]
-    fn insert_find_remove() {
+    fn insert_get_remove() {
         let (mut s, mut used) = (slots(32), 0);
         let mut t = KeyTable::new(&mut s, &mut used, 16);
-        assert!(matches!(t.find(&info(1).file), Found::NotEncrypted));
-        t.insert(&info(1), Some(&key(1))).unwrap();
-        t.insert(&info(2), None).unwrap();
-        assert!(matches!(t.find(&info(1).file), Found::Key(k) if *k == key(1)));
-        assert!(matches!(t.find(&info(2).file), Found::Unavailable), "a known file without its key is never plain");
+        assert!(t.get(&info(1).file).is_none());
+        t.insert(&info(1), &wrapped(1)).unwrap();
+        t.insert(&info(2), &wrapped(2)).unwrap();
+        let e = t.get(&info(1).file).unwrap();
+        assert_eq!((e.key_id, e.wrapped, e.bad, e.cache), (1, wrapped(1), false, None));
+        t.mark_bad(t.get(&info(2).file).unwrap().slot);
+        assert!(t.get(&info(2).file).unwrap().bad, "a key that failed to unwrap stays known, never plain");
         assert_eq!(t.used(), 2);
-        // Replacing keeps the count.
-        t.insert(&info(1), Some(&key(9))).unwrap();
+        // Replacing keeps the count and forgets the cache hint.
+        let slot = t.get(&info(1).file).unwrap().slot;
+        t.set_cache(slot, 3);
+        assert_eq!(t.get(&info(1).file).unwrap().cache, Some(3));
+        t.insert(&info(1), &wrapped(9)).unwrap();
         assert_eq!(t.used(), 2);
-        assert_eq!(*t.key(&info(1).file).unwrap(), key(9));
-        assert!(t.remove(&info(1).file));
-        assert!(!t.remove(&info(1).file));
+        let e = t.get(&info(1).file).unwrap();
+        assert_eq!((e.wrapped, e.cache), (wrapped(9), None));
+        assert_eq!(t.remove(&info(1).file), Some(None));
+        assert_eq!(t.remove(&info(1).file), None);
         assert!(!t.contains(&info(1).file));
         assert!(t.contains(&info(2).file));
         assert_eq!(t.used(), 1);
@@ -254,14 +428,14 @@ mod tests {
         let (mut s, mut used) = (slots(32), 0);
         let mut t = KeyTable::new(&mut s, &mut used, 16);
         for rel in 0..16 {
-            t.insert(&info(rel), Some(&key(rel as u8))).unwrap();
+            t.insert(&info(rel), &wrapped(rel as u8)).unwrap();
         }
-        assert_eq!(t.insert(&info(99), None), Err(TableFull(16)));
+        assert_eq!(t.insert(&info(99), &wrapped(0)), Err(TableFull(16)));
         for rel in 0..16 {
-            assert_eq!(*t.key(&info(rel).file).unwrap(), key(rel as u8), "entry {rel} survived");
+            assert_eq!(t.get(&info(rel).file).unwrap().wrapped, wrapped(rel as u8), "entry {rel} survived");
         }
         // Replacing an existing entry is still possible when full.
-        t.insert(&info(3), None).unwrap();
+        t.insert(&info(3), &wrapped(0)).unwrap();
     }
 
     #[test]
@@ -272,53 +446,93 @@ mod tests {
         // every live entry behind tombstones, and never loop.
         for round in 0..200u32 {
             for rel in 0..5 {
-                t.insert(&info(round * 10 + rel), Some(&key(rel as u8))).unwrap();
+                t.insert(&info(round * 10 + rel), &wrapped(rel as u8)).unwrap();
             }
             for rel in 0..5 {
                 assert!(t.contains(&info(round * 10 + rel).file));
             }
             for rel in 0..5 {
-                assert!(t.remove(&info(round * 10 + rel).file));
+                assert!(t.remove(&info(round * 10 + rel).file).is_some());
             }
             assert_eq!(t.used(), 0);
         }
     }
 
     #[test]
-    fn removed_and_cleared_keys_are_zeroed() {
-        let (mut s, mut used) = (slots(32), 0);
-        {
-            let mut t = KeyTable::new(&mut s, &mut used, 16);
-            t.insert(&info(1), Some(&key(0xAA))).unwrap();
-            t.insert(&info(2), Some(&key(0xBB))).unwrap();
-            t.remove(&info(1).file);
-        }
-        assert!(s.iter().all(|slot| !slot.tek.contains(&0xAA)), "a removed key leaves no bytes behind");
-        {
-            let mut t = KeyTable::new(&mut s, &mut used, 16);
-            t.clear();
-            assert!(t.list().is_empty());
-        }
-        assert!(s.iter().all(|slot| slot.tek.iter().all(|&b| b == 0)));
-    }
-
-    #[test]
     fn list_shows_metadata_only() {
         let (mut s, mut used) = (slots(32), 0);
         let mut t = KeyTable::new(&mut s, &mut used, 16);
-        t.insert(&info(5), Some(&key(1))).unwrap();
-        t.insert(&info(6), None).unwrap();
+        t.insert(&info(5), &wrapped(1)).unwrap();
+        t.insert(&info(6), &wrapped(2)).unwrap();
+        t.mark_bad(t.get(&info(6).file).unwrap().slot);
         let mut l = t.list();
         l.sort_by_key(|k| k.file);
         assert_eq!(l, vec![info(5), KeyInfo { usable: false, ..info(6) }]);
     }
 
     #[test]
-    fn zeroed_memory_is_an_empty_table() {
+    fn zeroed_memory_is_an_empty_table_and_cache() {
         assert_eq!(std::mem::size_of::<Slot>() % 8, 0);
+        assert_eq!(std::mem::size_of::<CacheSlot>() % 8, 0);
         let (mut s, mut used) = (slots(4), 0);
         let t = KeyTable::new(&mut s, &mut used, 3);
         assert!(t.list().is_empty());
         assert!(!t.contains(&FileId { spc: 0, db: 0, rel: 0 }), "an all-zero slot is free, not file 0/0/0");
+        let c = cslots(4);
+        let v = KeyCacheView::new(&c);
+        assert!(v.get(0, &FileId { spc: 0, db: 0, rel: 0 }, 0).is_none(), "an all-zero cache slot holds no key");
+        assert_eq!(v.used(), 0);
+    }
+
+    #[test]
+    fn cache_hits_its_own_key_only() {
+        let (mut c, mut hand) = (cslots(4), 0);
+        let f = info(1).file;
+        let (i, evicted) = KeyCache::new(&mut c, &mut hand).insert(&f, 1, &key(0xAA));
+        assert!(!evicted);
+        let v = KeyCacheView::new(&c);
+        assert_eq!(*v.get(i, &f, 1).unwrap(), key(0xAA));
+        assert!(v.get(i, &f, 2).is_none(), "another key version is a miss");
+        assert!(v.get(i, &info(2).file, 1).is_none(), "another file is a miss");
+        assert!(v.get(99, &f, 1).is_none());
+    }
+
+    #[test]
+    fn clock_evicts_unreferenced_keys_and_zeroizes_them() {
+        let (mut c, mut hand) = (cslots(3), 0);
+        let mut at = Vec::new();
+        for rel in 0..3u32 {
+            let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(rel).file, u64::from(rel), &key(rel as u8 + 1));
+            assert!(!ev);
+            at.push(i);
+        }
+        // All three are referenced (just inserted): the hand clears them in
+        // one turn and evicts the first it reaches on the second.
+        let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(10).file, 10, &key(0x10));
+        assert!(ev);
+        assert_eq!(i, at[0]);
+        // Touch file 2, so file 1 is the next victim.
+        assert!(KeyCacheView::new(&c).get(at[2], &info(2).file, 2).is_some());
+        let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(11).file, 11, &key(0x11));
+        assert!(ev);
+        assert_eq!(i, at[1], "the unreferenced key is evicted, the recently used one kept");
+        let v = KeyCacheView::new(&c);
+        assert!(v.get(at[2], &info(2).file, 2).is_some());
+        assert_eq!(v.used(), 3);
+        assert!(c.iter().all(|s| !s.tek.contains(&1) && !s.tek.contains(&2)), "evicted keys leave no bytes");
+    }
+
+    #[test]
+    fn forget_and_clear_zeroize() {
+        let (mut c, mut hand) = (cslots(4), 0);
+        let (i, _) = KeyCache::new(&mut c, &mut hand).insert(&info(1).file, 1, &key(0xAA));
+        let (j, _) = KeyCache::new(&mut c, &mut hand).insert(&info(2).file, 2, &key(0xBB));
+        KeyCache::new(&mut c, &mut hand).forget(i, &info(3).file);
+        assert!(KeyCacheView::new(&c).get(i, &info(1).file, 1).is_some(), "forget checks the owner");
+        KeyCache::new(&mut c, &mut hand).forget(i, &info(1).file);
+        assert!(c.iter().all(|s| !s.tek.contains(&0xAA)));
+        KeyCache::new(&mut c, &mut hand).clear();
+        assert!(KeyCacheView::new(&c).get(j, &info(2).file, 2).is_none());
+        assert!(c.iter().all(|s| s.tek.iter().all(|&b| b == 0)));
     }
 }

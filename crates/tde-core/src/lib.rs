@@ -10,8 +10,9 @@
 //!   see `benches/page_cipher.rs` and `bench-xts.sh`), keyed once per table key.
 //! - [`page`]: the page layout: 16 plaintext header bytes, 8176 encrypted bytes, the tweak
 //!   built from (relation file number, fork, block, page LSN), all-zero pages passed through.
-//! - [`keystore`]: the key store's changes, file format and redo rules; [`keytable`]: the
-//!   shared key table's algorithm over slots in shared memory.
+//! - [`keystore`]: the key store's changes and redo rules; [`storefile`]: its file, an
+//!   authenticated append-only log; [`keytable`]: the shared key table and key cache
+//!   algorithms over slots in shared memory.
 //! - [`policy`]: which new relation files are encrypted, and what `tde.enforce_encryption`
 //!   allows.
 //! - [`wrap`]: AES-256-GCM key wrapping with associated data (table keys under a
@@ -28,5 +29,6 @@ pub mod page;
 pub mod policy;
 pub mod provider;
 pub mod secret;
+pub mod storefile;
 pub mod wrap;
 pub mod xts;
