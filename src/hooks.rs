@@ -13,8 +13,10 @@
 //!   is empty, and its pg_index row has just been written; nothing writes a
 //!   page until index_build, which runs after this hook.  Also enforces
 //!   `tde.enforce_encryption`.
-//! - `ProcessUtility_hook`: after OWNED BY or SET ACCESS METHOD, an owned
-//!   sequence is rewritten into a new file if its encryption must change;
+//! - `ProcessUtility_hook`: a serial or identity sequence that a CREATE TABLE
+//!   or ALTER TABLE of a tde_heap table creates is encrypted from its first
+//!   page; after OWNED BY or SET ACCESS METHOD, an owned sequence is
+//!   rewritten into a new file if its encryption must still change;
 //!   CREATE DATABASE (FILE_COPY) and DROP DATABASE copy or drop keys for
 //!   files PostgreSQL copies or removes without the storage manager.
 
@@ -30,6 +32,18 @@ use crate::am::{tde_heap_oid, uses_tde_heap};
 use crate::error::{OrRaise, TdeError};
 use crate::gucs;
 use crate::keys;
+
+thread_local! {
+    /// The statement running is a CREATE TABLE or ALTER TABLE whose table
+    /// uses (or will use) tde_heap.  Set at the entry of every utility
+    /// statement but the CREATE SEQUENCE subcommands it spawns (see
+    /// `owned_sequence_to_be`), so it never outlives its statement's turn.
+    static TABLE_STATEMENT_TDE_HEAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// A CREATE SEQUENCE subcommand of such a statement is running: the
+    /// sequence it creates (serial, identity) is about to be owned by a
+    /// tde_heap table.
+    static SEQUENCE_FOR_TDE_HEAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 static mut PREV_CREATE_STORAGE: pg_sys::RelationCreateStorage_hook_type = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
@@ -74,7 +88,14 @@ unsafe fn kind_of(rel: pg_sys::Relation) -> Kind {
         }
         k if k == pg_sys::RELKIND_SEQUENCE => {
             // SAFETY: rel is valid.
-            Kind::Sequence { owner_tde_heap: sequence_owner(unsafe { (*rel).rd_id }).map(uses_tde_heap) }
+            let owner = sequence_owner(unsafe { (*rel).rd_id }).map(uses_tde_heap);
+            // A serial or identity sequence is created before its table and
+            // owned by it only after: it is encrypted from its first page,
+            // so no page of it is ever on disk in plaintext.  (If the guess
+            // is wrong -- it comes from the statement, not the catalog --
+            // the OWNED BY that follows rewrites it, sync_sequence.)
+            let to_be = SEQUENCE_FOR_TDE_HEAP.with(|c| c.get());
+            Kind::Sequence { owner_tde_heap: owner.or(to_be.then_some(true)) }
         }
         _ => Kind::Other,
     }
@@ -313,6 +334,65 @@ unsafe fn refuse_moving_encrypted_database(stmt: *mut pg_sys::AlterDatabaseStmt)
     }
 }
 
+fn is_tde_heap_name(name: *const c_char) -> bool {
+    // SAFETY: a NUL-terminated identifier from the parser or a GUC.
+    !name.is_null() && unsafe { CStr::from_ptr(name) }.to_bytes() == b"tde_heap"
+}
+
+/// Whether the table a CREATE TABLE or ALTER TABLE statement creates or
+/// alters uses tde_heap, as far as the statement itself says: its USING
+/// clause or default_table_access_method for a new table (partitions and
+/// partitioned tables: not known here), the catalog for an existing one.
+unsafe fn table_statement_tde_heap(node: *mut pg_sys::Node) -> bool {
+    // SAFETY: node is a valid utility statement (caller).
+    match unsafe { (*node).type_ } {
+        pg_sys::NodeTag::T_CreateStmt => {
+            let stmt = node as *mut pg_sys::CreateStmt;
+            // SAFETY: node is a CreateStmt (tag checked).
+            let (am, partbound, partspec) = unsafe { ((*stmt).accessMethod, (*stmt).partbound, (*stmt).partspec) };
+            if !partbound.is_null() || !partspec.is_null() {
+                return false;
+            }
+            // SAFETY: the GUC's current value.
+            is_tde_heap_name(if am.is_null() { unsafe { pg_sys::default_table_access_method } } else { am })
+        }
+        pg_sys::NodeTag::T_AlterTableStmt => {
+            // SAFETY: node is an AlterTableStmt (tag checked).
+            let rv = unsafe { (*(node as *mut pg_sys::AlterTableStmt)).relation };
+            // SAFETY: a name lookup with RVR_MISSING_OK and no lock, in the
+            // statement's transaction.
+            let oid = unsafe {
+                pg_sys::RangeVarGetRelidExtended(
+                    rv,
+                    pg_sys::NoLock as _,
+                    pg_sys::RVROption::RVR_MISSING_OK,
+                    None,
+                    std::ptr::null_mut(),
+                )
+            };
+            oid != pg_sys::InvalidOid && uses_tde_heap(oid)
+        }
+        _ => false,
+    }
+}
+
+/// Called at the entry of every utility statement: remembers whether a
+/// CREATE SEQUENCE subcommand about to run belongs to a tde_heap table's
+/// CREATE TABLE or ALTER TABLE (serial and identity columns).  No guard is
+/// needed on error: the next statement sets both again.
+unsafe fn owned_sequence_to_be(node: *mut pg_sys::Node, context: pg_sys::ProcessUtilityContext::Type) {
+    // SAFETY: node is a valid utility statement (caller).
+    let tag = unsafe { (*node).type_ };
+    if tag == pg_sys::NodeTag::T_CreateSeqStmt && context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_SUBCOMMAND {
+        SEQUENCE_FOR_TDE_HEAP.with(|c| c.set(TABLE_STATEMENT_TDE_HEAP.with(|t| t.get())));
+    } else {
+        // SAFETY: as above.
+        let yes = unsafe { table_statement_tde_heap(node) };
+        TABLE_STATEMENT_TDE_HEAP.with(|t| t.set(yes));
+        SEQUENCE_FOR_TDE_HEAP.with(|c| c.set(false));
+    }
+}
+
 /// The relation a just-run statement named, with the statement's own
 /// catalog changes (a new OWNED BY, a new access method) made visible.
 fn relid_after_statement(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
@@ -352,6 +432,8 @@ unsafe extern "C-unwind" fn utility(
         // SAFETY: node is an AlterTableStmt.
         unsafe { refuse_decrypting_set_access_method(node as *mut pg_sys::AlterTableStmt) };
     }
+    // SAFETY: node is the statement's valid utility node.
+    unsafe { owned_sequence_to_be(node, context) };
     if tag == pg_sys::NodeTag::T_AlterDatabaseStmt {
         // SAFETY: node is an AlterDatabaseStmt.
         unsafe { refuse_moving_encrypted_database(node as *mut pg_sys::AlterDatabaseStmt) };

@@ -44,6 +44,23 @@ for my $rel (qw(enc enc_tag enc_pkey enc_id_seq))
 {
 	is($node->safe_psql('postgres', "SELECT tde_is_encrypted('$rel')"), 't', "$rel is encrypted");
 }
+# Serial and identity sequences are encrypted from their first page: they are
+# created before their table and owned by it only after, and are never
+# rewritten (a rewrite gives a new relfilenode; the first one equals the OID),
+# so no page of theirs was ever plaintext on disk.
+$node->safe_psql('postgres', q{
+	CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY, v text) USING tde_heap;
+	CREATE TABLE later (v text) USING tde_heap;
+	ALTER TABLE later ADD COLUMN id bigserial;
+	CREATE TABLE plainseq (id serial, v text);
+});
+for my $seq (qw(enc_id_seq ident_id_seq later_id_seq))
+{
+	is($node->safe_psql('postgres', "SELECT tde_is_encrypted('$seq') AND relfilenode = oid FROM pg_class WHERE relname = '$seq'"),
+		't', "$seq is encrypted in the file it was created with");
+}
+is($node->safe_psql('postgres', "SELECT tde_is_encrypted('plainseq_id_seq') OR relfilenode <> oid FROM pg_class WHERE relname = 'plainseq_id_seq'"),
+	'f', 'the sequence of a plain table is plain, and was not rewritten either');
 is($node->safe_psql('postgres',
 	"SELECT tde_is_encrypted(reltoastrelid::regclass) FROM pg_class WHERE relname = 'enc'"),
 	't', 'the TOAST table is encrypted');

@@ -11,8 +11,9 @@
 //!   backends may be reading it.
 //!
 //! Plain files cost one cached hash lookup per call (keys/local.rs).  The
-//! bounce buffer is allocated once per process; the page path allocates
-//! nothing.  All-zero pages (file extension) pass through unchanged.
+//! bounce buffer is allocated once per process, on its first encrypted
+//! write; the page path allocates nothing.  All-zero pages (file
+//! extension) pass through unchanged.
 //!
 //! Fail closed: an encrypted page is marked on disk (tde-core's `page`
 //! module), so a page read from a file that has no key, but carries the mark,
@@ -111,10 +112,12 @@ fn encrypt_into_bounce(
     let mut ptrs = [std::ptr::null::<c_void>(); BOUNCE_PAGES];
     let kind = BOUNCE.with(|b| {
         let mut bounce = b.borrow_mut();
-        if bounce.is_empty() {
-            bounce.resize(BOUNCE_PAGES, AlignedPage([0; PAGE_SIZE]));
-        }
         keys::local::with_cipher(&t.file, t.temp, |cipher| {
+            // Only encrypted files need it: a process that writes plain
+            // relations only never allocates it.
+            if bounce.is_empty() {
+                bounce.resize(BOUNCE_PAGES, AlignedPage([0; PAGE_SIZE]));
+            }
             for (i, src) in srcs.iter().enumerate() {
                 // SAFETY: smgr.c passes readable pages of BLCKSZ bytes.
                 let src = unsafe { &*(*src as *const [u8; PAGE_SIZE]) };
