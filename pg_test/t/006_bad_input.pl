@@ -84,6 +84,24 @@ $node->stop('immediate');
 copy("$ring.good", $ring) or die;
 $node->start;
 is($node->safe_psql('postgres', $check), '100', 'right master key again: everything reads back');
+
+# Crash recovery that must replay a key store change needs the master key:
+# the change cannot be appended to the authenticated key store without it.
+# With a wrong one recovery stops with a clear error; with the right one it
+# goes on, and nothing is lost.
+$node->safe_psql('postgres', q{CREATE TABLE after_start (i int) USING tde_heap; INSERT INTO after_start VALUES (1)});
+$node->stop('immediate');
+open($fh, '>', $ring) or die;
+print $fh '{"version": 1, "keys": {"mek-1": "' . ('QUFB' x 10) . 'QUFBQUE="}}';
+close $fh;
+chmod 0600, $ring;
+my $logstart0 = -s $node->logfile;
+ok(!$node->start(fail_ok => 1), 'recovery with a key change to replay and a wrong master key: refuses to go on');
+like(slurp_file($node->logfile, $logstart0), qr/cannot replay a key store change while the key store is locked/,
+	'the log says why');
+copy("$ring.good", $ring) or die;
+$node->start;
+is($node->safe_psql('postgres', 'SELECT count(*) FROM after_start'), '1', 'with the right master key recovery goes on');
 $node->stop;
 
 # Missing keyring at start-up.

@@ -394,30 +394,33 @@ fn kek_inner() -> Option<WrapKey> {
     WrapKey::from_bytes(unsafe { &(*h()).kek }).ok()
 }
 
+/// What the table and the cache say about `f` (caller holds the table lock,
+/// either mode); None: a cache miss on a usable key.
+fn lookup(f: &FileId) -> Option<Found> {
+    let Some(e) = table().get(f) else { return Some(Found::NotEncrypted) };
+    if e.bad || state_locked() != StoreState::Unlocked {
+        return Some(Found::Unavailable);
+    }
+    let k = e.cache.and_then(|c| cache_view().get(c, f, e.key_id))?;
+    counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
+    Some(TableKey::from_bytes(&k[..]).map(Found::Key).unwrap_or(Found::Unavailable))
+}
+
 /// Looks a relation file up: absent from the table means plain; present
 /// means its key, from the cache or unwrapped into it, or Unavailable.
 pub fn find(f: &FileId) -> Found {
-    {
+    if let Some(found) = {
         let _g = Guard::new(false);
-        let Some(e) = table().get(f) else { return Found::NotEncrypted };
-        if e.bad || state_locked() != StoreState::Unlocked {
-            return Found::Unavailable;
-        }
-        if let Some(k) = e.cache.and_then(|c| cache_view().get(c, f, e.key_id)) {
-            counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
-            return TableKey::from_bytes(&k[..]).map(Found::Key).unwrap_or(Found::Unavailable);
-        }
+        lookup(f)
+    } {
+        return found;
     }
     with_exclusive(|x| {
         // Again: it may have changed, or another process cached it, meanwhile.
+        if let Some(found) = lookup(f) {
+            return found;
+        }
         let Some(e) = table().get(f) else { return Found::NotEncrypted };
-        if e.bad {
-            return Found::Unavailable;
-        }
-        if let Some(k) = e.cache.and_then(|c| cache_view().get(c, f, e.key_id)) {
-            counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
-            return TableKey::from_bytes(&k[..]).map(Found::Key).unwrap_or(Found::Unavailable);
-        }
         let Some(kek) = kek_inner() else { return Found::Unavailable };
         let aad = tek_aad(&store_id_locked(), f, e.key_id, e.version);
         match unwrap_table_key(&kek, &e.wrapped, &aad) {
