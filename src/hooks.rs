@@ -359,18 +359,7 @@ unsafe fn table_statement_tde_heap(node: *mut pg_sys::Node) -> bool {
         pg_sys::NodeTag::T_AlterTableStmt => {
             // SAFETY: node is an AlterTableStmt (tag checked).
             let rv = unsafe { (*(node as *mut pg_sys::AlterTableStmt)).relation };
-            // SAFETY: a name lookup with RVR_MISSING_OK and no lock, in the
-            // statement's transaction.
-            let oid = unsafe {
-                pg_sys::RangeVarGetRelidExtended(
-                    rv,
-                    pg_sys::NoLock as _,
-                    pg_sys::RVROption::RVR_MISSING_OK,
-                    None,
-                    std::ptr::null_mut(),
-                )
-            };
-            oid != pg_sys::InvalidOid && uses_tde_heap(oid)
+            relid_of(rv).is_some_and(uses_tde_heap)
         }
         _ => false,
     }
@@ -396,10 +385,16 @@ unsafe fn owned_sequence_to_be(node: *mut pg_sys::Node, context: pg_sys::Process
 /// The relation a just-run statement named, with the statement's own
 /// catalog changes (a new OWNED BY, a new access method) made visible.
 fn relid_after_statement(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
-    // SAFETY: we are in the statement's transaction; a command counter
-    // increment and a name lookup with RVR_MISSING_OK (no lock taken).
+    // SAFETY: we are in the statement's transaction.
+    unsafe { pg_sys::CommandCounterIncrement() };
+    relid_of(rv)
+}
+
+/// The relation `rv` names, if it exists (no lock taken).
+fn relid_of(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    // SAFETY: a name lookup with RVR_MISSING_OK and no lock, inside the
+    // statement's transaction.
     let oid = unsafe {
-        pg_sys::CommandCounterIncrement();
         pg_sys::RangeVarGetRelidExtended(
             rv,
             pg_sys::NoLock as _,
