@@ -26,4 +26,6 @@ REVOKE ALL ON FUNCTION tde_set_master_key(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_is_encrypted(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_keys() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_store_state() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_key_cache() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_rotate_key(regclass) FROM PUBLIC;
 REVOKE ALL ON tde_status FROM PUBLIC;

@@ -47,6 +47,8 @@ pub enum TdeError {
     MarkedWithoutKey { file: FileId, fork: i32, block: u32 },
     #[error("block {block} of encrypted relation file {file} (fork {fork}) is not marked as encrypted on disk")]
     NotMarked { file: FileId, fork: i32, block: u32 },
+    #[error("block {block} of relation file {file} (fork {fork}) is encrypted under a key version that is not live (retired, or newer than the key store)")]
+    VersionUnavailable { file: FileId, fork: i32, block: u32 },
     #[error("page {0} failed in the cipher library; nothing was written")]
     Cipher(&'static str),
     #[error("tde.enforce_encryption is on: {0}")]
@@ -72,6 +74,8 @@ impl TdeError {
             TdeError::Store(StoreError::Io { .. }) => ERRCODE_IO_ERROR,
             TdeError::Store(StoreError::ProviderExists(_)) => ERRCODE_DUPLICATE_OBJECT,
             TdeError::Store(StoreError::NotInitialised) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TdeError::Store(StoreError::NoSuchKey(_)) => ERRCODE_UNDEFINED_OBJECT,
+            TdeError::Store(StoreError::BadRotation(_)) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TdeError::Provider(ProviderError::BadOptions { .. })
             | TdeError::Provider(ProviderError::UnknownKind(_))
             | TdeError::Invalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -91,9 +95,10 @@ impl TdeError {
             TdeError::NotPreloaded | TdeError::StorageManagerReplaced { .. } | TdeError::KeyUnavailable { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
-            TdeError::MarkedWithoutKey { .. } | TdeError::NotMarked { .. } | TdeError::StoreRefused(_) => {
-                ERRCODE_DATA_CORRUPTED
-            }
+            TdeError::MarkedWithoutKey { .. }
+            | TdeError::NotMarked { .. }
+            | TdeError::VersionUnavailable { .. }
+            | TdeError::StoreRefused(_) => ERRCODE_DATA_CORRUPTED,
             TdeError::SaveAfterLog(_) => ERRCODE_IO_ERROR,
             TdeError::Enforced(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             TdeError::MoveEncryptedDatabase => ERRCODE_FEATURE_NOT_SUPPORTED,

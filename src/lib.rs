@@ -5,6 +5,9 @@
 //! - `src/sql/`: the SQL-facing functions, a thin layer over the rest (views
 //!   and grants are plain SQL in the top-level `sql/`).
 //! - `crates/tde-core`: ciphers, key wrapping and formats, free of PostgreSQL.
+//! - `src/smgr/`: where a page gets encrypted; `src/reencrypt.rs`: where a
+//!   table's pages are re-encrypted under a new key version (tde_rotate_key).
+//! - `src/keys/`: where a key comes from (the key store, shared memory).
 //!
 //! The library must be in `shared_preload_libraries`: it registers a storage
 //! manager, shared memory and a WAL resource manager, all of which exist only
@@ -21,6 +24,7 @@ mod gucs;
 mod hooks;
 mod keys;
 mod pg;
+mod reencrypt;
 mod smgr;
 mod sql;
 mod wal;

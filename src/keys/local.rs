@@ -29,8 +29,39 @@ const CAPACITY: usize = 1024;
 
 enum Entry {
     Plain,
-    Cipher(Box<PageCipher>),
+    Cipher(Box<Ciphers>),
     Unavailable,
+}
+
+/// The ready ciphers of a file's live key versions.
+pub struct Ciphers {
+    /// Encrypts every page written, and decrypts the pages it wrote.
+    pub current: PageCipher,
+    /// Whether pages under `current` carry PD_TDE_KEY_ALT (its parity).
+    pub current_alt: bool,
+    /// The previous version while a rotation is in progress; decrypts the
+    /// pages not yet re-encrypted (the other parity).
+    pub previous: Option<PageCipher>,
+}
+
+impl Ciphers {
+    fn new(current: (u32, &TableKey), previous: Option<&TableKey>) -> Result<Ciphers, tde_core::secret::Error> {
+        Ok(Ciphers {
+            current: PageCipher::new(current.1)?,
+            current_alt: tde_core::page::alt_for_version(current.0),
+            previous: previous.map(PageCipher::new).transpose()?,
+        })
+    }
+
+    /// The cipher for a stored page whose PD_TDE_KEY_ALT bit is `alt`; None
+    /// if no live version has that parity.
+    pub fn for_alt(&mut self, alt: bool) -> Option<&mut PageCipher> {
+        if alt == self.current_alt {
+            Some(&mut self.current)
+        } else {
+            self.previous.as_mut()
+        }
+    }
 }
 
 /// What a relation file is, as `with_cipher` found it.
@@ -45,7 +76,7 @@ pub enum Kind {
 struct Cache {
     generation: u64,
     shared: LruCache<FileId, Entry>,
-    temp: std::collections::HashMap<FileId, Box<PageCipher>>,
+    temp: std::collections::HashMap<FileId, Box<Ciphers>>,
 }
 
 thread_local! {
@@ -60,20 +91,23 @@ fn load(file: &FileId) -> Entry {
     match shmem::find(file) {
         Found::NotEncrypted => Entry::Plain,
         Found::Unavailable => Entry::Unavailable,
-        Found::Key(key) => match PageCipher::new(&key) {
-            Ok(c) => Entry::Cipher(Box::new(c)),
-            Err(_) => Entry::Unavailable,
-        },
+        Found::Keys(keys) => {
+            let current = (keys.current.0, &keys.current.1);
+            match Ciphers::new(current, keys.previous.as_ref().map(|p| &p.1)) {
+                Ok(c) => Entry::Cipher(Box::new(c)),
+                Err(_) => Entry::Unavailable,
+            }
+        }
     }
 }
 
-/// Calls `f` with the cipher of `file` (a temp relation's if `temp`) if the
-/// file is encrypted and its key usable, and says what the file is.
+/// Calls `f` with the ciphers of `file` (a temp relation's if `temp`) if
+/// the file is encrypted and its key usable, and says what the file is.
 ///
 /// The cache is borrowed while `f` runs: `f` must not call into PostgreSQL
 /// code that can raise an ERROR by longjmp (an ERROR raised from Rust, which
 /// unwinds, is fine).  The storage manager calls md.c only after this returns.
-pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut PageCipher)) -> Kind {
+pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut Ciphers)) -> Kind {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if temp {
@@ -105,8 +139,8 @@ pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut PageCipher)) -
 }
 
 pub fn add_temp_key(file: FileId, key: &TableKey) -> Result<(), tde_core::secret::Error> {
-    let cipher = PageCipher::new(key)?;
-    CACHE.with(|c| c.borrow_mut().temp.insert(file, Box::new(cipher)));
+    let ciphers = Ciphers::new((1, key), None)?;
+    CACHE.with(|c| c.borrow_mut().temp.insert(file, Box::new(ciphers)));
     Ok(())
 }
 

@@ -24,7 +24,9 @@ pub use store::{checkpoint, redo};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pgrx::pg_sys;
-use tde_core::keystore::{kek_aad, tek_aad, Change, FileId, KeyEntry, Principal, ProviderEntry, ALGORITHM_XTS};
+use tde_core::keystore::{
+    kek_aad, tek_aad, Change, FileId, KeyEntry, OldVersion, Principal, ProviderEntry, ALGORITHM_XTS,
+};
 use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::wrap::{wrap_table_key, WRAPPED_TABLE_KEY_LEN};
@@ -40,18 +42,46 @@ fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, tek: &TableKey) -> Result<KeyEntry, TdeError> {
+/// Version `version` of key `key_id` of `file`, wrapped by the KEK (base64).
+fn wrap_version(
+    store_id: &str,
+    kek: &WrapKey,
+    file: FileId,
+    key_id: u64,
+    version: u32,
+    tek: &TableKey,
+) -> Result<String, TdeError> {
     let wrapped: [u8; WRAPPED_TABLE_KEY_LEN] =
-        wrap_table_key(kek, tek, &tek_aad(store_id, &file, key_id, 1)).map_err(|_| TdeError::Crypto)?;
+        wrap_table_key(kek, tek, &tek_aad(store_id, &file, key_id, version)).map_err(|_| TdeError::Crypto)?;
+    Ok(B64.encode(wrapped))
+}
+
+/// The store entry of `file` with live keys `keys` (a new key: version 1
+/// only; a copy: the versions of the original).
+fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, keys: &NewKeys) -> Result<KeyEntry, TdeError> {
+    let (version, tek) = &keys.current;
+    let previous = match &keys.previous {
+        Some((v, k)) => Some(OldVersion {
+            version: *v,
+            created: now(),
+            wrapped: wrap_version(store_id, kek, file, key_id, *v, k)?,
+            retired_at: None,
+        }),
+        None => None,
+    };
     Ok(KeyEntry {
         file,
         key_id,
-        version: 1,
+        version: *version,
         created: now(),
         algorithm: ALGORITHM_XTS.to_string(),
-        wrapped: B64.encode(wrapped),
+        wrapped: wrap_version(store_id, kek, file, key_id, *version, tek)?,
+        previous,
+        retired: Vec::new(),
     })
 }
+
+type NewKeys = shmem::Keys;
 
 /// Gives the relation file `loc` a new random key.  Called before the file
 /// is created, so no page of it is ever written in plaintext.
@@ -69,12 +99,12 @@ pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), T
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
-    install_keys(vec![(file, tek)])
+    install_keys(vec![(file, NewKeys { current: (1, tek), previous: None })])
 }
 
-/// Records each `tek` as the key of its file (new keys, or copies of
+/// Records each set of keys as the keys of its file (new keys, or copies of
 /// existing ones), in one key store change.
-fn install_keys(keys: Vec<(FileId, TableKey)>) -> Result<(), TdeError> {
+fn install_keys(keys: Vec<(FileId, NewKeys)>) -> Result<(), TdeError> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -85,12 +115,54 @@ fn install_keys(keys: Vec<(FileId, TableKey)>) -> Result<(), TdeError> {
         })?;
         keys.into_iter()
             .zip(ks.next_key_id..)
-            .map(|((file, tek), key_id)| {
-                let entry = wrap_entry(&ks.store_id, &kek, file, key_id, &tek)?;
-                Ok((Change::AddKey(entry), Secret::TableKey(tek)))
+            .map(|((file, keys), key_id)| {
+                let entry = wrap_entry(&ks.store_id, &kek, file, key_id, &keys)?;
+                Ok((Change::AddKey(entry), Secret::TableKey(keys.current.1)))
             })
             .collect()
     })
+}
+
+/// Starts a key rotation of `files`: each gets a new current key version,
+/// its current one staying live as the previous version, in one key store
+/// change.  A file already mid-rotation keeps its versions (the pass that
+/// follows finishes it).
+pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
+    store::commit(|view| {
+        let kek = shmem::kek().ok_or_else(|| match shmem::state() {
+            (shmem::StoreState::Locked, why) => TdeError::Locked(why),
+            _ => TdeError::NoMasterKey,
+        })?;
+        let mut changes = Vec::new();
+        for file in files {
+            let e = shmem::entry(file).ok_or(TdeError::Store(tde_core::keystore::StoreError::NoSuchKey(*file)))?;
+            if e.previous.is_some() {
+                continue;
+            }
+            let version = e.version + 1;
+            let tek = TableKey::generate().map_err(|_| TdeError::Crypto)?;
+            let wrapped = wrap_version(&view.store_id, &kek, *file, e.key_id, version, &tek)?;
+            changes.push((Change::RotateKey { file: *file, version, created: now(), wrapped }, Secret::TableKey(tek)));
+        }
+        Ok(changes)
+    })
+}
+
+/// Ends a key rotation of `files` once no page uses their previous
+/// versions: retires them (they stay wrapped in the key store).
+pub fn finish_rotation(files: &[FileId]) -> Result<(), TdeError> {
+    store::commit(|_| {
+        Ok(files
+            .iter()
+            .filter_map(|f| shmem::entry(f).and_then(|e| e.previous).map(|v| (*f, v)))
+            .map(|(file, version)| (Change::RetireKeyVersion { file, version, retired_at: now() }, Secret::None))
+            .collect())
+    })
+}
+
+/// The current key version of `file`.
+pub fn current_version(file: &FileId) -> Option<u32> {
+    shmem::entry(file).map(|e| e.version)
 }
 
 /// Whether `loc` (a temp relation's if `temp`) has a key.
@@ -175,9 +247,9 @@ pub fn copy_database_keys(
         if shmem::contains(&dst) {
             continue; // STRATEGY WAL_LOG already gave the copy its own key
         }
-        let tek = shmem::key_of(&src)
+        let keys = shmem::keys_of(&src)
             .ok_or_else(|| TdeError::Locked(format!("the key of relation file {src} is not available")))?;
-        copies.push((dst, tek));
+        copies.push((dst, keys));
     }
     let n = copies.len();
     install_keys(copies)?;

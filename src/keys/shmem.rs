@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys;
 use tde_core::keystore::{tek_aad, FileId};
-use tde_core::keytable::{CacheSlot, KeyCache, KeyCacheView, KeyTable, Slot};
+use tde_core::keytable::{CacheSlot, Entry, KeyCache, KeyCacheView, KeyTable, Slot, Version};
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::storefile::{AuthKey, TAG_LEN};
 use tde_core::wrap::{unwrap_table_key, WRAPPED_TABLE_KEY_LEN};
@@ -141,9 +141,23 @@ pub use tde_core::keytable::{KeyInfo, TableFull};
 /// What a lookup found.
 pub enum Found {
     NotEncrypted,
-    Key(TableKey),
+    Keys(Keys),
     /// Encrypted, but the key cannot be used (store locked, bad wrap).
     Unavailable,
+}
+
+/// The live versions of a file's key: the current one, which encrypts, and
+/// the previous one while a rotation is in progress.
+pub struct Keys {
+    pub current: (u32, TableKey),
+    pub previous: Option<(u32, TableKey)>,
+}
+
+/// A key table entry without key material.
+pub struct EntryInfo {
+    pub key_id: u64,
+    pub version: u32,
+    pub previous: Option<u32>,
 }
 
 /// Cache counters, for `tde_key_cache()`.
@@ -394,6 +408,11 @@ fn kek_inner() -> Option<WrapKey> {
     WrapKey::from_bytes(unsafe { &(*h()).kek }).ok()
 }
 
+fn cached(f: &FileId, key_id: u64, v: &Version) -> Option<(u32, TableKey)> {
+    let k = v.cache.and_then(|c| cache_view().get(c, f, key_id, v.version))?;
+    TableKey::from_bytes(&k[..]).ok().map(|k| (v.version, k))
+}
+
 /// What the table and the cache say about `f` (caller holds the table lock,
 /// either mode); None: a cache miss on a usable key.
 fn lookup(f: &FileId) -> Option<Found> {
@@ -401,13 +420,34 @@ fn lookup(f: &FileId) -> Option<Found> {
     if e.bad || state_locked() != StoreState::Unlocked {
         return Some(Found::Unavailable);
     }
-    let k = e.cache.and_then(|c| cache_view().get(c, f, e.key_id))?;
+    let current = cached(f, e.key_id, &e.current)?;
+    let previous = match &e.previous {
+        Some(p) => Some(cached(f, e.key_id, p)?),
+        None => None,
+    };
     counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
-    Some(TableKey::from_bytes(&k[..]).map(Found::Key).unwrap_or(Found::Unavailable))
+    Some(Found::Keys(Keys { current, previous }))
+}
+
+/// Version `v` of `e`'s key, from the cache or unwrapped into it.  Caller
+/// holds the table lock exclusively.
+fn load_version(x: &Exclusive, f: &FileId, e: &Entry, v: &Version, kek: &WrapKey) -> Option<(u32, TableKey)> {
+    if let Some(k) = cached(f, e.key_id, v) {
+        return Some(k);
+    }
+    let aad = tek_aad(&store_id_locked(), f, e.key_id, v.version);
+    let tek = unwrap_table_key(kek, &v.wrapped, &aad).ok()?;
+    counter(Counter::Misses).fetch_add(1, Ordering::Relaxed);
+    let (i, evicted) = cache(x).insert(f, e.key_id, v.version, tek.expose());
+    if evicted {
+        counter(Counter::Evictions).fetch_add(1, Ordering::Relaxed);
+    }
+    table().set_cache(e.slot, v.version, i);
+    Some((v.version, tek))
 }
 
 /// Looks a relation file up: absent from the table means plain; present
-/// means its key, from the cache or unwrapped into it, or Unavailable.
+/// means its live keys, from the cache or unwrapped into it, or Unavailable.
 pub fn find(f: &FileId) -> Found {
     if let Some(found) = {
         let _g = Guard::new(false);
@@ -422,23 +462,27 @@ pub fn find(f: &FileId) -> Found {
         }
         let Some(e) = table().get(f) else { return Found::NotEncrypted };
         let Some(kek) = kek_inner() else { return Found::Unavailable };
-        let aad = tek_aad(&store_id_locked(), f, e.key_id, e.version);
-        match unwrap_table_key(&kek, &e.wrapped, &aad) {
-            Ok(tek) => {
-                counter(Counter::Misses).fetch_add(1, Ordering::Relaxed);
-                let (i, evicted) = cache(x).insert(f, e.key_id, tek.expose());
-                if evicted {
-                    counter(Counter::Evictions).fetch_add(1, Ordering::Relaxed);
-                }
-                table().set_cache(e.slot, i);
-                Found::Key(tek)
-            }
-            Err(_) => {
+        let current = load_version(x, f, &e, &e.current, &kek);
+        let previous = e.previous.as_ref().map(|p| load_version(x, f, &e, p, &kek));
+        match (current, previous) {
+            (Some(current), None) => Found::Keys(Keys { current, previous: None }),
+            (Some(current), Some(Some(p))) => Found::Keys(Keys { current, previous: Some(p) }),
+            _ => {
                 table().mark_bad(e.slot);
                 pgrx::warning!("tde: the key of relation file {f} does not unwrap (tampered key store?)");
                 Found::Unavailable
             }
         }
+    })
+}
+
+/// The key table's entry of `f` (no key material), for rotation.
+pub fn entry(f: &FileId) -> Option<EntryInfo> {
+    let _g = Guard::new(false);
+    table().get(f).map(|e| EntryInfo {
+        key_id: e.key_id,
+        version: e.version(),
+        previous: e.previous.map(|p| p.version),
     })
 }
 
@@ -467,26 +511,72 @@ pub fn insert(
     x: &Exclusive,
     info: &KeyInfo,
     wrapped: &[u8; WRAPPED_TABLE_KEY_LEN],
+    previous: Option<(u32, &[u8; WRAPPED_TABLE_KEY_LEN])>,
     tek: Option<&TableKey>,
 ) -> Result<(), TableFull> {
     let mut t = table();
-    t.insert(info, wrapped)?;
+    if let Some(e) = t.get(&info.file) {
+        // Zeroize the cached keys of what is replaced.
+        for c in [e.current.cache, e.previous.and_then(|p| p.cache)].into_iter().flatten() {
+            cache(x).forget(c, &info.file);
+        }
+    }
+    t.insert(info, wrapped, previous)?;
     if let (Some(tek), Some(e)) = (tek, t.get(&info.file)) {
-        let (i, evicted) = cache(x).insert(&info.file, info.key_id, tek.expose());
+        let (i, evicted) = cache(x).insert(&info.file, info.key_id, info.version, tek.expose());
         if evicted {
             counter(Counter::Evictions).fetch_add(1, Ordering::Relaxed);
         }
-        t.set_cache(e.slot, i);
+        t.set_cache(e.slot, info.version, i);
     }
     bump();
     Ok(())
 }
 
+/// A new current version of `f`'s key; the current one becomes the
+/// previous (still live).  Caller holds the lock exclusively.
+pub fn rotate(
+    x: &Exclusive,
+    f: &FileId,
+    version: u32,
+    created: i64,
+    wrapped: &[u8; WRAPPED_TABLE_KEY_LEN],
+    tek: Option<&TableKey>,
+) {
+    let Some(e) = table().get(f) else { return };
+    if e.version() >= version {
+        return; // replayed already
+    }
+    let info = KeyInfo { file: *f, key_id: e.key_id, version, created, usable: true };
+    let old = e.current;
+    // Replacing an entry in place cannot overflow the table.
+    let _ = insert(x, &info, wrapped, Some((old.version, &old.wrapped)), tek);
+}
+
+/// Retires the previous version of `f`'s key, if it is `version`.  Caller
+/// holds the lock exclusively.
+pub fn retire(x: &Exclusive, f: &FileId, version: u32) {
+    let Some(e) = table().get(f) else { return };
+    if e.previous.map(|p| p.version) != Some(version) {
+        return;
+    }
+    if let Some(c) = e.previous.and_then(|p| p.cache) {
+        cache(x).forget(c, f);
+    }
+    let info = KeyInfo { file: *f, key_id: e.key_id, version: e.version(), created: e.created, usable: true };
+    let current = e.current;
+    let _ = table().insert(&info, &current.wrapped, None);
+    if let Some(c) = current.cache {
+        table().set_cache(e.slot, current.version, c);
+    }
+    bump();
+}
+
 /// Removes an entry if present, zeroizing its cached key.  Caller holds the
 /// lock exclusively.
 pub fn remove(x: &Exclusive, f: &FileId) {
-    if let Some(hint) = table().remove(f) {
-        if let Some(i) = hint {
+    if let Some(hints) = table().remove(f) {
+        for i in hints.into_iter().flatten() {
             cache(x).forget(i, f);
         }
         bump();
@@ -617,10 +707,10 @@ pub fn list() -> Vec<KeyInfo> {
     l
 }
 
-/// The unwrapped key of `f`, for re-wrapping (CREATE DATABASE FILE_COPY).
-pub fn key_of(f: &FileId) -> Option<TableKey> {
+/// The live keys of `f`, for re-wrapping (CREATE DATABASE FILE_COPY).
+pub fn keys_of(f: &FileId) -> Option<Keys> {
     match find(f) {
-        Found::Key(k) => Some(k),
+        Found::Keys(k) => Some(k),
         _ => None,
     }
 }

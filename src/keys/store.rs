@@ -70,17 +70,27 @@ fn info_of(e: &KeyEntry) -> KeyInfo {
     KeyInfo { file: e.file, key_id: e.key_id, version: e.version, created: e.created, usable: true }
 }
 
-/// The wrapped key of an entry as the table holds it; a malformed one
-/// (which no server writes) is kept as all zeros, which never unwraps, so
-/// the file stays known as encrypted.
-fn wrapped_of(e: &KeyEntry) -> [u8; WRAPPED_TABLE_KEY_LEN] {
+/// A wrapped key as the table holds it; a malformed one (which no server
+/// writes) is kept as all zeros, which never unwraps, so the file stays
+/// known as encrypted.
+fn decode_wrapped(b64: &str) -> [u8; WRAPPED_TABLE_KEY_LEN] {
     let mut out = [0u8; WRAPPED_TABLE_KEY_LEN];
-    if let Ok(b) = B64.decode(&e.wrapped) {
+    if let Ok(b) = B64.decode(b64) {
         if b.len() == WRAPPED_TABLE_KEY_LEN {
             out.copy_from_slice(&b);
         }
     }
     out
+}
+
+fn wrapped_of(e: &KeyEntry) -> [u8; WRAPPED_TABLE_KEY_LEN] {
+    decode_wrapped(&e.wrapped)
+}
+
+/// Puts an entry of the store, with its live versions, into the table.
+fn insert_entry(x: &Exclusive, e: &KeyEntry, tek: Option<&TableKey>) -> Result<(), shmem::TableFull> {
+    let prev = e.previous.as_ref().map(|p| (p.version, decode_wrapped(&p.wrapped)));
+    shmem::insert(x, &info_of(e), &wrapped_of(e), prev.as_ref().map(|(v, w)| (*v, w)), tek)
 }
 
 /// Unwraps the KEK with the store's current master key.
@@ -156,7 +166,7 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
             Some(Err(e)) => shmem::set_locked(x, &e.to_string()),
         }
         for e in ks.keys.values() {
-            shmem::insert(x, &info_of(e), &wrapped_of(e), None).map_err(|f| TdeError::TableFull(f.0))?;
+            insert_entry(x, e, None).map_err(|f| TdeError::TableFull(f.0))?;
         }
         Ok(())
     })?;
@@ -305,7 +315,9 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
         let bytes = frames(&mut after, &records, new_kek)?;
         // Providers and master keys are rare and must be in the file at
         // once (read() sees them); table keys wait in the queue.
-        let sync = records.iter().any(|r| !matches!(r.change, Change::AddKey(_) | Change::RemoveKey { .. }));
+        let sync = records
+            .iter()
+            .any(|r| matches!(r.change, Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_)));
         log_and_queue(s, &mut after, &records, &bytes, sync);
         shmem::set_meta(s, &after);
         shmem::with_exclusive(|x| {
@@ -315,11 +327,14 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
                         // Checked above; if it failed anyway, the file would
                         // have a key the table lacks, and look plain: restart
                         // and reload the table from the store.
-                        if let Err(f) = shmem::insert(x, &info_of(e), &wrapped_of(e), Some(&tek)) {
+                        if let Err(f) = insert_entry(x, e, Some(&tek)) {
                             TdeError::TableFull(f.0).raise_at(pgrx::PgLogLevel::PANIC);
                         }
                     }
                     (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, &kek, &view.store_id),
+                    (Change::RotateKey { file, version, created, wrapped }, Secret::TableKey(tek)) => {
+                        shmem::rotate(x, file, *version, *created, &decode_wrapped(wrapped), Some(&tek))
+                    }
                     (change, _) => apply_to_table(x, change),
                 }
             }
@@ -426,11 +441,15 @@ fn apply_to_table(x: &Exclusive, change: &Change) {
         Change::AddKey(e) => {
             // In redo (a standby with a smaller tde.max_relation_keys) this
             // stops recovery: going on would treat the file as plain.
-            if let Err(f) = shmem::insert(x, &info_of(e), &wrapped_of(e), None) {
+            if let Err(f) = insert_entry(x, e, None) {
                 TdeError::TableFull(f.0).raise();
             }
         }
         Change::RemoveKey { file } => shmem::remove(x, file),
+        Change::RotateKey { file, version, created, wrapped } => {
+            shmem::rotate(x, file, *version, *created, &decode_wrapped(wrapped), None)
+        }
+        Change::RetireKeyVersion { file, version, .. } => shmem::retire(x, file, *version),
         Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_) | Change::Checkpoint { .. } => {}
     }
 }

@@ -120,3 +120,18 @@ pub fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
         &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock
     }
 }
+
+// postmaster/bgwriter.h, which pgrx's bindings leave out.
+extern "C-unwind" {
+    fn RequestCheckpoint(flags: c_int);
+}
+
+/// Requests an immediate checkpoint and waits for it to complete (what
+/// CHECKPOINT does).  Guarded: an ERROR becomes a Rust panic, so callers may
+/// hold values with destructors.
+pub fn request_checkpoint_and_wait() {
+    let flags = (pg_sys::CHECKPOINT_IMMEDIATE | pg_sys::CHECKPOINT_FORCE | pg_sys::CHECKPOINT_WAIT) as c_int;
+    // SAFETY: RequestCheckpoint may be called by any backend; the guard
+    // converts an ERROR into a Rust panic.
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| RequestCheckpoint(flags)) }
+}

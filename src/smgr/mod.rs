@@ -167,9 +167,17 @@ unsafe extern "C-unwind" fn tde_readv(
     let kind = keys::local::with_cipher(&t.file, t.temp, |cipher| {
         for i in 0..nblocks as usize {
             let block = blocknum + i as u32;
-            if !page::decrypt(cipher, t.file.rel, forknum, block, page_at(i)) {
-                // Raised as a Rust panic: the borrow is released on the way out.
-                TdeError::NotMarked { file: t.file, fork: forknum, block }.raise();
+            // Raised as Rust panics: the borrow is released on the way out.
+            match page::decrypt(cipher, t.file.rel, forknum, block, page_at(i)) {
+                page::Decrypted::Done => {}
+                page::Decrypted::NotMarked => TdeError::NotMarked { file: t.file, fork: forknum, block }.raise(),
+                // The free space map is a hint that PostgreSQL itself zeroes
+                // when a page is bad (RBM_ZERO_ON_ERROR); a standby may keep
+                // FSM pages the primary's rotation never rewrote.
+                page::Decrypted::NoVersion if forknum == pg_sys::ForkNumber::FSM_FORKNUM => page_at(i).fill(0),
+                page::Decrypted::NoVersion => {
+                    TdeError::VersionUnavailable { file: t.file, fork: forknum, block }.raise()
+                }
             }
         }
     });

@@ -16,8 +16,9 @@
 use std::ffi::c_char;
 
 use pgrx::pg_sys;
-use tde_core::page::{decrypt_page, encrypt_page, PagePosition, PAGE_SIZE};
-use tde_core::xts::PageCipher;
+use tde_core::page::{decrypt_page, encrypt_page_alt, key_alt, stored_kind, PagePosition, Stored, PAGE_SIZE};
+
+use crate::keys::local::Ciphers;
 
 use crate::pg::pg_checksum_page;
 
@@ -64,16 +65,18 @@ fn cipher_failed(what: &'static str) -> ! {
 }
 
 /// Encrypts `src` into `dst`.
+/// Under the file's current key version, marked with its parity.
 pub fn encrypt(
-    c: &mut PageCipher,
+    c: &mut Ciphers,
     rel: u32,
     fork: pg_sys::ForkNumber::Type,
     block: u32,
     src: &[u8; PAGE_SIZE],
     dst: &mut [u8; PAGE_SIZE],
 ) {
-    let encrypted =
-        encrypt_page(c, &position(rel, fork, block), src, dst).unwrap_or_else(|_| cipher_failed("encryption"));
+    let alt = c.current_alt;
+    let encrypted = encrypt_page_alt(&mut c.current, &position(rel, fork, block), src, dst, alt)
+        .unwrap_or_else(|_| cipher_failed("encryption"));
     if encrypted && checksums_enabled() && !is_new(dst) {
         let sum = checksum(dst, block);
         set_checksum(dst, sum);
@@ -86,28 +89,46 @@ pub fn is_marked(page: &[u8; PAGE_SIZE]) -> bool {
     tde_core::page::is_marked(page)
 }
 
-/// Decrypts `page` in place.  Returns false, leaving the page as read, for a
-/// non-zero page that is not marked as encrypted: the caller refuses it.  A
+/// What `decrypt` did with a page.
+pub enum Decrypted {
+    /// Decrypted (or all zeros, or a corrupt page handed on for PostgreSQL
+    /// to report its checksum).
+    Done,
+    /// A non-zero page that is not marked as encrypted, left as read: the
+    /// caller refuses it.
+    NotMarked,
+    /// Marked with a key version parity that no live version has (its
+    /// version was retired, or the key store is older than the file).
+    NoVersion,
+}
+
+/// Decrypts `page` in place, with the live key version its mark names.  A
 /// page whose stored checksum fails is handed on for PostgreSQL to report,
 /// marked or not.
 pub fn decrypt(
-    c: &mut PageCipher,
+    c: &mut Ciphers,
     rel: u32,
     fork: pg_sys::ForkNumber::Type,
     block: u32,
     page: &mut [u8; PAGE_SIZE],
-) -> bool {
+) -> Decrypted {
     let with_checksum = checksums_enabled() && !is_new(page);
     let verified = !with_checksum || checksum(page, block) == stored_checksum(page);
-    let decrypted = match decrypt_page(c, &position(rel, fork, block), page) {
-        Ok(d) => d,
-        // Unmarked: PostgreSQL reports the bad checksum, or the caller refuses it.
-        Err(tde_core::secret::Error::NotEncrypted) => return !verified,
-        Err(_) => cipher_failed("decryption"),
+    let cipher = match stored_kind(page) {
+        Stored::Zero => return Decrypted::Done,
+        // PostgreSQL reports the bad checksum, or the caller refuses it.
+        Stored::Plain => return if verified { Decrypted::NotMarked } else { Decrypted::Done },
+        Stored::Encrypted => match c.for_alt(key_alt(page)) {
+            Some(cipher) => cipher,
+            None if !verified => return Decrypted::Done,
+            None => return Decrypted::NoVersion,
+        },
     };
+    let decrypted =
+        decrypt_page(cipher, &position(rel, fork, block), page).unwrap_or_else(|_| cipher_failed("decryption"));
     if decrypted && with_checksum {
         let sum = checksum(page, block);
         set_checksum(page, if verified { sum } else { !sum });
     }
-    true
+    Decrypted::Done
 }

@@ -90,6 +90,18 @@ fn tde_keys() -> TableIterator<
     TableIterator::new(rows)
 }
 
+/// Gives every file of the table (heap, TOAST, indexes, owned sequences) a
+/// new key version and re-encrypts every page under it, online: reads and
+/// writes go on.  Returns the table's new key version.  Running it again
+/// after a crash finishes an interrupted rotation.
+#[pg_extern(
+    volatile,
+    sql = "CREATE FUNCTION tde_rotate_key(rel regclass) RETURNS int STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_rotate_key(rel: pg_sys::Oid) -> i32 {
+    crate::reencrypt::rotate(rel) as i32
+}
+
 /// The key store's state: 'empty' (no master key yet), 'unlocked', or
 /// 'locked' with the reason.
 #[pg_extern(volatile)]

@@ -145,6 +145,8 @@ unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::X
                 Change::SetPrincipal(p) => format!("set master key \"{}\" of provider \"{}\"", p.key_name, p.provider),
                 Change::AddKey(k) => format!("add key {} for {}", k.key_id, k.file),
                 Change::RemoveKey { file } => format!("remove key of {file}"),
+                Change::RotateKey { file, version, .. } => format!("rotate key of {file} to version {version}"),
+                Change::RetireKeyVersion { file, version, .. } => format!("retire key version {version} of {file}"),
                 Change::Checkpoint { .. } => "checkpoint".to_string(),
             };
             format!("generation {}: {what}", rec.generation)

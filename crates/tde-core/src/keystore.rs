@@ -57,7 +57,8 @@ pub struct Principal {
     pub wrapped_kek: String,
 }
 
-/// One table key, wrapped by the KEK.
+/// One table key, wrapped by the KEK: its current version, and the versions
+/// before it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KeyEntry {
     pub file: FileId,
@@ -68,6 +69,27 @@ pub struct KeyEntry {
     pub algorithm: String,
     /// TEK wrapped by the KEK (nonce || ciphertext || tag), base64.
     pub wrapped: String,
+    /// The version before `version` while pages may still use it (a
+    /// rotation in progress): the second live version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<OldVersion>,
+    /// Versions no page uses any more, kept wrapped for older backups and
+    /// archived WAL.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<OldVersion>,
+}
+
+/// An earlier version of a table key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OldVersion {
+    pub version: u32,
+    /// Unix seconds.
+    pub created: i64,
+    /// TEK wrapped by the KEK, base64 (associated data names this version).
+    pub wrapped: String,
+    /// Unix seconds; set once retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,6 +121,21 @@ pub enum Change {
     AddKey(KeyEntry),
     RemoveKey {
         file: FileId,
+    },
+    /// A new version of a file's key (tde_rotate_key): the current version
+    /// becomes the previous one, still live until retired.
+    RotateKey {
+        file: FileId,
+        version: u32,
+        created: i64,
+        wrapped: String,
+    },
+    /// No page uses the previous `version` any more (the re-encryption pass
+    /// ended and a checkpoint wrote every page): it is retired.
+    RetireKeyVersion {
+        file: FileId,
+        version: u32,
+        retired_at: i64,
     },
     /// Changes nothing: written at each checkpoint, it says which store (and,
     /// in its [`Record`], which generation) the checkpoint vouches for.
@@ -166,6 +203,10 @@ pub enum StoreError {
     ProviderExists(String),
     #[error("key store has not been initialised")]
     NotInitialised,
+    #[error("relation file {0} has no key")]
+    NoSuchKey(FileId),
+    #[error("relation file {0}: a key rotation must follow the current version, with no other in progress")]
+    BadRotation(FileId),
 }
 
 impl KeyStore {
@@ -205,6 +246,31 @@ impl KeyStore {
             }
             Change::RemoveKey { file } => {
                 self.keys.remove(file);
+            }
+            Change::RotateKey { file, version, created, wrapped } => {
+                let e = self.keys.get_mut(file).ok_or(StoreError::NoSuchKey(*file))?;
+                if e.version >= *version {
+                    return Ok(()); // applied already
+                }
+                if e.previous.is_some() || *version != e.version + 1 {
+                    return Err(StoreError::BadRotation(*file));
+                }
+                let old =
+                    OldVersion { version: e.version, created: e.created, wrapped: e.wrapped.clone(), retired_at: None };
+                e.previous = Some(old);
+                e.version = *version;
+                e.created = *created;
+                e.wrapped = wrapped.clone();
+            }
+            Change::RetireKeyVersion { file, version, retired_at } => {
+                // The file may be gone since; nothing to retire then.
+                if let Some(e) = self.keys.get_mut(file) {
+                    if e.previous.as_ref().is_some_and(|p| p.version == *version) {
+                        let mut old = e.previous.take().expect("checked");
+                        old.retired_at = Some(*retired_at);
+                        e.retired.push(old);
+                    }
+                }
             }
             Change::Checkpoint { .. } => {}
         }
@@ -273,6 +339,8 @@ mod tests {
             created: 1_700_000_000,
             algorithm: ALGORITHM_XTS.into(),
             wrapped: "AAAA".into(),
+            previous: None,
+            retired: Vec::new(),
         }))
         .unwrap();
         ks
@@ -304,6 +372,37 @@ mod tests {
             }))
             .unwrap_err();
         assert!(matches!(err, StoreError::ProviderExists(_)));
+    }
+
+    #[test]
+    fn rotation_keeps_two_live_versions_and_retires_the_old_one() {
+        let mut ks = sample();
+        let file = FileId { spc: 1663, db: 5, rel: 16384 };
+        let rotate = Change::RotateKey { file, version: 2, created: 9, wrapped: "BBBB".into() };
+        ks.apply(&rotate).unwrap();
+        ks.apply(&rotate).unwrap(); // idempotent
+        let e = ks.key(&file).unwrap();
+        assert_eq!((e.version, e.wrapped.as_str()), (2, "BBBB"));
+        assert_eq!(e.previous.as_ref().map(|p| (p.version, p.wrapped.as_str())), Some((1, "AAAA")));
+        // A third live version is refused: retire the previous one first.
+        let third = Change::RotateKey { file, version: 3, created: 10, wrapped: "CCCC".into() };
+        assert!(matches!(ks.apply(&third), Err(StoreError::BadRotation(_))));
+        let retire = Change::RetireKeyVersion { file, version: 1, retired_at: 11 };
+        ks.apply(&retire).unwrap();
+        ks.apply(&retire).unwrap(); // idempotent
+        let e = ks.key(&file).unwrap();
+        assert!(e.previous.is_none());
+        assert_eq!(e.retired.len(), 1);
+        assert_eq!(e.retired[0].retired_at, Some(11));
+        ks.apply(&third).unwrap();
+        assert_eq!(ks.key(&file).unwrap().version, 3);
+        // Rotating a file that has no key is an error; retiring one is not.
+        let other = FileId { spc: 1, db: 1, rel: 1 };
+        assert!(ks.apply(&Change::RotateKey { file: other, version: 2, created: 0, wrapped: String::new() }).is_err());
+        ks.apply(&Change::RetireKeyVersion { file: other, version: 1, retired_at: 0 }).unwrap();
+        // The versions survive JSON.
+        let back: KeyStore = serde_json::from_value(serde_json::to_value(&ks).unwrap()).unwrap();
+        assert_eq!(back, ks);
     }
 
     #[test]

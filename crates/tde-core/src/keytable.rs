@@ -58,6 +58,10 @@ pub struct Slot {
     key_id: u64,
     created: i64,
     wrapped: [u8; WRAPPED_TABLE_KEY_LEN],
+    /// The previous live version (0: none), its wrapped key and cache hint.
+    prev_version: u32,
+    prev_cache: u32,
+    prev_wrapped: [u8; WRAPPED_TABLE_KEY_LEN],
 }
 
 impl Slot {
@@ -72,6 +76,9 @@ impl Slot {
         key_id: 0,
         created: 0,
         wrapped: [0; WRAPPED_TABLE_KEY_LEN],
+        prev_version: 0,
+        prev_cache: 0,
+        prev_wrapped: [0; WRAPPED_TABLE_KEY_LEN],
     };
 
     fn file(&self) -> FileId {
@@ -90,16 +97,31 @@ pub struct KeyInfo {
     pub usable: bool,
 }
 
+/// One live version of an entry's key, as a lookup sees it.
+#[derive(Clone, Copy)]
+pub struct Version {
+    pub version: u32,
+    /// The cache slot that may hold the unwrapped key.
+    pub cache: Option<u32>,
+    pub wrapped: [u8; WRAPPED_TABLE_KEY_LEN],
+}
+
 /// A table entry as a lookup sees it.
 pub struct Entry {
     /// Index of the table slot, for [`KeyTable::set_cache`] and friends.
     pub slot: usize,
     pub key_id: u64,
-    pub version: u32,
+    pub created: i64,
     pub bad: bool,
-    /// The cache slot that may hold the unwrapped key.
-    pub cache: Option<u32>,
-    pub wrapped: [u8; WRAPPED_TABLE_KEY_LEN],
+    pub current: Version,
+    /// The previous version, while a rotation is in progress.
+    pub previous: Option<Version>,
+}
+
+impl Entry {
+    pub fn version(&self) -> u32 {
+        self.current.version
+    }
 }
 
 /// The table is full: it holds `0` entries already.
@@ -166,16 +188,26 @@ impl<'a> KeyTable<'a> {
         Some(Entry {
             slot: i,
             key_id: s.key_id,
-            version: s.version,
+            created: s.created,
             bad: s.bad != 0,
-            cache: s.cache.checked_sub(1),
-            wrapped: s.wrapped,
+            current: Version { version: s.version, cache: s.cache.checked_sub(1), wrapped: s.wrapped },
+            previous: (s.prev_version != 0).then(|| Version {
+                version: s.prev_version,
+                cache: s.prev_cache.checked_sub(1),
+                wrapped: s.prev_wrapped,
+            }),
         })
     }
 
-    /// Remembers which cache slot holds the key of table slot `slot`.
-    pub fn set_cache(&mut self, slot: usize, cache: u32) {
-        self.slots[slot].cache = cache + 1;
+    /// Remembers which cache slot holds version `version` of the key of
+    /// table slot `slot`.
+    pub fn set_cache(&mut self, slot: usize, version: u32, cache: u32) {
+        let s = &mut self.slots[slot];
+        if s.version == version {
+            s.cache = cache + 1;
+        } else if s.prev_version == version {
+            s.prev_cache = cache + 1;
+        }
     }
 
     /// Marks the key of table slot `slot` as failing to unwrap.
@@ -183,9 +215,15 @@ impl<'a> KeyTable<'a> {
         self.slots[slot].bad = 1;
     }
 
-    /// Inserts or replaces the entry of `info.file`.  A replaced entry
-    /// forgets its cache slot, so the old key is never served for it.
-    pub fn insert(&mut self, info: &KeyInfo, wrapped: &[u8; WRAPPED_TABLE_KEY_LEN]) -> Result<(), TableFull> {
+    /// Inserts or replaces the entry of `info.file` (version `info.version`,
+    /// and the previous live version if given).  A replaced entry forgets
+    /// its cache slots, so an old key is never served for it.
+    pub fn insert(
+        &mut self,
+        info: &KeyInfo,
+        wrapped: &[u8; WRAPPED_TABLE_KEY_LEN],
+        previous: Option<(u32, &[u8; WRAPPED_TABLE_KEY_LEN])>,
+    ) -> Result<(), TableFull> {
         let idx = match self.probe(&info.file) {
             Some(i) => i,
             None => {
@@ -210,20 +248,30 @@ impl<'a> KeyTable<'a> {
         s.version = info.version;
         s.created = info.created;
         s.wrapped.copy_from_slice(wrapped);
+        s.prev_cache = 0;
+        match previous {
+            Some((v, w)) => {
+                s.prev_version = v;
+                s.prev_wrapped.copy_from_slice(w);
+            }
+            None => {
+                s.prev_version = 0;
+                s.prev_wrapped.zeroize();
+            }
+        }
         Ok(())
     }
 
-    /// Removes the entry of `f`.  Returns its cache slot hint if it was there.
-    pub fn remove(&mut self, f: &FileId) -> Option<Option<u32>> {
+    /// Removes the entry of `f`.  Returns its cache slot hints (current and
+    /// previous version) if it was there.
+    pub fn remove(&mut self, f: &FileId) -> Option<[Option<u32>; 2]> {
         let i = self.probe(f)?;
         let s = &mut self.slots[i];
-        let cache = s.cache.checked_sub(1);
-        s.wrapped.zeroize();
-        s.cache = 0;
-        s.bad = 0;
+        let hints = [s.cache.checked_sub(1), s.prev_cache.checked_sub(1)];
+        *s = Slot::FREE;
         s.state = DELETED;
         *self.used -= 1;
-        Some(cache)
+        Some(hints)
     }
 
     /// Empties the table.
@@ -259,6 +307,7 @@ pub struct CacheSlot {
     referenced: AtomicU8,
     _pad: [u8; 2],
     file: [u32; 3],
+    version: u32,
     key_id: u64,
     tek: [u8; TABLE_KEY_LEN],
 }
@@ -271,13 +320,14 @@ impl CacheSlot {
             referenced: AtomicU8::new(0),
             _pad: [0; 2],
             file: [0; 3],
+            version: 0,
             key_id: 0,
             tek: [0; TABLE_KEY_LEN],
         }
     }
 
-    fn holds(&self, f: &FileId, key_id: u64) -> bool {
-        self.used == 1 && self.file == [f.spc, f.db, f.rel] && self.key_id == key_id
+    fn holds(&self, f: &FileId, key_id: u64, version: u32) -> bool {
+        self.used == 1 && self.file == [f.spc, f.db, f.rel] && self.key_id == key_id && self.version == version
     }
 
     fn wipe(&mut self) {
@@ -285,6 +335,7 @@ impl CacheSlot {
         self.used = 0;
         self.file = [0; 3];
         self.key_id = 0;
+        self.version = 0;
         self.referenced.store(0, Ordering::Relaxed);
     }
 }
@@ -299,11 +350,11 @@ impl<'a> KeyCacheView<'a> {
         KeyCacheView { slots }
     }
 
-    /// The key of `f` (version `key_id`) if cache slot `i` holds it; marks
-    /// it referenced.
-    pub fn get(&self, i: u32, f: &FileId, key_id: u64) -> Option<Zeroizing<[u8; TABLE_KEY_LEN]>> {
+    /// Version `version` of key `key_id` of `f`, if cache slot `i` holds it;
+    /// marks it referenced.
+    pub fn get(&self, i: u32, f: &FileId, key_id: u64, version: u32) -> Option<Zeroizing<[u8; TABLE_KEY_LEN]>> {
         let s = self.slots.get(i as usize)?;
-        if !s.holds(f, key_id) {
+        if !s.holds(f, key_id, version) {
             return None;
         }
         s.referenced.store(1, Ordering::Relaxed);
@@ -330,7 +381,7 @@ impl<'a> KeyCache<'a> {
 
     /// Caches `tek` as the key of `f`; returns the slot used and whether
     /// another key was evicted (and zeroized) to make room.
-    pub fn insert(&mut self, f: &FileId, key_id: u64, tek: &[u8; TABLE_KEY_LEN]) -> (u32, bool) {
+    pub fn insert(&mut self, f: &FileId, key_id: u64, version: u32, tek: &[u8; TABLE_KEY_LEN]) -> (u32, bool) {
         let n = self.slots.len() as u32;
         // Two turns of the hand always find a victim: the first clears every
         // reference bit it passes.
@@ -350,6 +401,7 @@ impl<'a> KeyCache<'a> {
         s.used = 1;
         s.file = [f.spc, f.db, f.rel];
         s.key_id = key_id;
+        s.version = version;
         s.tek.copy_from_slice(tek);
         s.referenced.store(1, Ordering::Relaxed);
         (victim, evicted)
@@ -401,22 +453,23 @@ mod tests {
         let (mut s, mut used) = (slots(32), 0);
         let mut t = KeyTable::new(&mut s, &mut used, 16);
         assert!(t.get(&info(1).file).is_none());
-        t.insert(&info(1), &wrapped(1)).unwrap();
-        t.insert(&info(2), &wrapped(2)).unwrap();
+        t.insert(&info(1), &wrapped(1), None).unwrap();
+        t.insert(&info(2), &wrapped(2), None).unwrap();
         let e = t.get(&info(1).file).unwrap();
-        assert_eq!((e.key_id, e.wrapped, e.bad, e.cache), (1, wrapped(1), false, None));
+        assert_eq!((e.key_id, e.current.wrapped, e.bad, e.current.cache), (1, wrapped(1), false, None));
+        assert!(e.previous.is_none());
         t.mark_bad(t.get(&info(2).file).unwrap().slot);
         assert!(t.get(&info(2).file).unwrap().bad, "a key that failed to unwrap stays known, never plain");
         assert_eq!(t.used(), 2);
         // Replacing keeps the count and forgets the cache hint.
         let slot = t.get(&info(1).file).unwrap().slot;
-        t.set_cache(slot, 3);
-        assert_eq!(t.get(&info(1).file).unwrap().cache, Some(3));
-        t.insert(&info(1), &wrapped(9)).unwrap();
+        t.set_cache(slot, 1, 3);
+        assert_eq!(t.get(&info(1).file).unwrap().current.cache, Some(3));
+        t.insert(&info(1), &wrapped(9), None).unwrap();
         assert_eq!(t.used(), 2);
         let e = t.get(&info(1).file).unwrap();
-        assert_eq!((e.wrapped, e.cache), (wrapped(9), None));
-        assert_eq!(t.remove(&info(1).file), Some(None));
+        assert_eq!((e.current.wrapped, e.current.cache), (wrapped(9), None));
+        assert_eq!(t.remove(&info(1).file), Some([None, None]));
         assert_eq!(t.remove(&info(1).file), None);
         assert!(!t.contains(&info(1).file));
         assert!(t.contains(&info(2).file));
@@ -424,18 +477,41 @@ mod tests {
     }
 
     #[test]
+    fn two_live_versions() {
+        let (mut s, mut used) = (slots(32), 0);
+        let mut t = KeyTable::new(&mut s, &mut used, 16);
+        let v2 = KeyInfo { version: 2, ..info(1) };
+        t.insert(&v2, &wrapped(2), Some((1, &wrapped(1)))).unwrap();
+        let e = t.get(&info(1).file).unwrap();
+        assert_eq!((e.version(), e.current.wrapped), (2, wrapped(2)));
+        let p = e.previous.unwrap();
+        assert_eq!((p.version, p.wrapped, p.cache), (1, wrapped(1), None));
+        t.set_cache(e.slot, 1, 5);
+        t.set_cache(e.slot, 2, 6);
+        let e = t.get(&info(1).file).unwrap();
+        assert_eq!((e.current.cache, e.previous.unwrap().cache), (Some(6), Some(5)));
+        t.set_cache(e.slot, 7, 9); // no such version: ignored
+                                   // Retiring: the entry again with one version.
+        t.insert(&v2, &wrapped(2), None).unwrap();
+        let e = t.get(&info(1).file).unwrap();
+        assert!(e.previous.is_none());
+        assert_eq!(e.current.cache, None, "a replaced entry forgets its cache slots");
+        assert_eq!(t.remove(&info(1).file), Some([None, None]));
+    }
+
+    #[test]
     fn full_table_refuses_and_keeps_everything() {
         let (mut s, mut used) = (slots(32), 0);
         let mut t = KeyTable::new(&mut s, &mut used, 16);
         for rel in 0..16 {
-            t.insert(&info(rel), &wrapped(rel as u8)).unwrap();
+            t.insert(&info(rel), &wrapped(rel as u8), None).unwrap();
         }
-        assert_eq!(t.insert(&info(99), &wrapped(0)), Err(TableFull(16)));
+        assert_eq!(t.insert(&info(99), &wrapped(0), None), Err(TableFull(16)));
         for rel in 0..16 {
-            assert_eq!(t.get(&info(rel).file).unwrap().wrapped, wrapped(rel as u8), "entry {rel} survived");
+            assert_eq!(t.get(&info(rel).file).unwrap().current.wrapped, wrapped(rel as u8), "entry {rel} survived");
         }
         // Replacing an existing entry is still possible when full.
-        t.insert(&info(3), &wrapped(0)).unwrap();
+        t.insert(&info(3), &wrapped(0), None).unwrap();
     }
 
     #[test]
@@ -446,7 +522,7 @@ mod tests {
         // every live entry behind tombstones, and never loop.
         for round in 0..200u32 {
             for rel in 0..5 {
-                t.insert(&info(round * 10 + rel), &wrapped(rel as u8)).unwrap();
+                t.insert(&info(round * 10 + rel), &wrapped(rel as u8), None).unwrap();
             }
             for rel in 0..5 {
                 assert!(t.contains(&info(round * 10 + rel).file));
@@ -462,8 +538,8 @@ mod tests {
     fn list_shows_metadata_only() {
         let (mut s, mut used) = (slots(32), 0);
         let mut t = KeyTable::new(&mut s, &mut used, 16);
-        t.insert(&info(5), &wrapped(1)).unwrap();
-        t.insert(&info(6), &wrapped(2)).unwrap();
+        t.insert(&info(5), &wrapped(1), None).unwrap();
+        t.insert(&info(6), &wrapped(2), None).unwrap();
         t.mark_bad(t.get(&info(6).file).unwrap().slot);
         let mut l = t.list();
         l.sort_by_key(|k| k.file);
@@ -480,7 +556,7 @@ mod tests {
         assert!(!t.contains(&FileId { spc: 0, db: 0, rel: 0 }), "an all-zero slot is free, not file 0/0/0");
         let c = cslots(4);
         let v = KeyCacheView::new(&c);
-        assert!(v.get(0, &FileId { spc: 0, db: 0, rel: 0 }, 0).is_none(), "an all-zero cache slot holds no key");
+        assert!(v.get(0, &FileId { spc: 0, db: 0, rel: 0 }, 0, 0).is_none(), "an all-zero cache slot holds no key");
         assert_eq!(v.used(), 0);
     }
 
@@ -488,13 +564,13 @@ mod tests {
     fn cache_hits_its_own_key_only() {
         let (mut c, mut hand) = (cslots(4), 0);
         let f = info(1).file;
-        let (i, evicted) = KeyCache::new(&mut c, &mut hand).insert(&f, 1, &key(0xAA));
+        let (i, evicted) = KeyCache::new(&mut c, &mut hand).insert(&f, 1, 1, &key(0xAA));
         assert!(!evicted);
         let v = KeyCacheView::new(&c);
-        assert_eq!(*v.get(i, &f, 1).unwrap(), key(0xAA));
-        assert!(v.get(i, &f, 2).is_none(), "another key version is a miss");
-        assert!(v.get(i, &info(2).file, 1).is_none(), "another file is a miss");
-        assert!(v.get(99, &f, 1).is_none());
+        assert_eq!(*v.get(i, &f, 1, 1).unwrap(), key(0xAA));
+        assert!(v.get(i, &f, 2, 1).is_none(), "another key version is a miss");
+        assert!(v.get(i, &info(2).file, 1, 1).is_none(), "another file is a miss");
+        assert!(v.get(99, &f, 1, 1).is_none());
     }
 
     #[test]
@@ -502,22 +578,23 @@ mod tests {
         let (mut c, mut hand) = (cslots(3), 0);
         let mut at = Vec::new();
         for rel in 0..3u32 {
-            let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(rel).file, u64::from(rel), &key(rel as u8 + 1));
+            let (i, ev) =
+                KeyCache::new(&mut c, &mut hand).insert(&info(rel).file, u64::from(rel), 1, &key(rel as u8 + 1));
             assert!(!ev);
             at.push(i);
         }
         // All three are referenced (just inserted): the hand clears them in
         // one turn and evicts the first it reaches on the second.
-        let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(10).file, 10, &key(0x10));
+        let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(10).file, 10, 1, &key(0x10));
         assert!(ev);
         assert_eq!(i, at[0]);
         // Touch file 2, so file 1 is the next victim.
-        assert!(KeyCacheView::new(&c).get(at[2], &info(2).file, 2).is_some());
-        let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(11).file, 11, &key(0x11));
+        assert!(KeyCacheView::new(&c).get(at[2], &info(2).file, 2, 1).is_some());
+        let (i, ev) = KeyCache::new(&mut c, &mut hand).insert(&info(11).file, 11, 1, &key(0x11));
         assert!(ev);
         assert_eq!(i, at[1], "the unreferenced key is evicted, the recently used one kept");
         let v = KeyCacheView::new(&c);
-        assert!(v.get(at[2], &info(2).file, 2).is_some());
+        assert!(v.get(at[2], &info(2).file, 2, 1).is_some());
         assert_eq!(v.used(), 3);
         assert!(c.iter().all(|s| !s.tek.contains(&1) && !s.tek.contains(&2)), "evicted keys leave no bytes");
     }
@@ -525,14 +602,14 @@ mod tests {
     #[test]
     fn forget_and_clear_zeroize() {
         let (mut c, mut hand) = (cslots(4), 0);
-        let (i, _) = KeyCache::new(&mut c, &mut hand).insert(&info(1).file, 1, &key(0xAA));
-        let (j, _) = KeyCache::new(&mut c, &mut hand).insert(&info(2).file, 2, &key(0xBB));
+        let (i, _) = KeyCache::new(&mut c, &mut hand).insert(&info(1).file, 1, 1, &key(0xAA));
+        let (j, _) = KeyCache::new(&mut c, &mut hand).insert(&info(2).file, 2, 1, &key(0xBB));
         KeyCache::new(&mut c, &mut hand).forget(i, &info(3).file);
-        assert!(KeyCacheView::new(&c).get(i, &info(1).file, 1).is_some(), "forget checks the owner");
+        assert!(KeyCacheView::new(&c).get(i, &info(1).file, 1, 1).is_some(), "forget checks the owner");
         KeyCache::new(&mut c, &mut hand).forget(i, &info(1).file);
         assert!(c.iter().all(|s| !s.tek.contains(&0xAA)));
         KeyCache::new(&mut c, &mut hand).clear();
-        assert!(KeyCacheView::new(&c).get(j, &info(2).file, 2).is_none());
+        assert!(KeyCacheView::new(&c).get(j, &info(2).file, 2, 1).is_none());
         assert!(c.iter().all(|s| s.tek.iter().all(|&b| b == 0)));
     }
 }

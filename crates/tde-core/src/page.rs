@@ -13,8 +13,9 @@
 //! it, so the buffer manager and everything above it see a normal page. A reader that
 //! finds the bit on a file it believes to be plain knows it is missing a key (an error,
 //! never garbage); a non-zero page without the bit in an encrypted file is refused too.
-//! [`PD_TDE_KEY_ALT`] is reserved for saying which of a file's two live key versions
-//! encrypted the page (online re-encryption).
+//! [`PD_TDE_KEY_ALT`] says which of a file's two live key versions encrypted the page
+//! (the parity of the version), so that online re-encryption can leave pages under the
+//! old and the new version side by side, each page unambiguous.
 //!
 //! What the files leak by design: the plaintext header (LSN, checksum, flags, fill level),
 //! and whether a page is all zeros. Because XTS is deterministic, a page rewritten with the
@@ -41,7 +42,8 @@ pub const PD_FLAGS_OFFSET: usize = 10;
 pub const PD_VALID_FLAG_BITS: u16 = 0x0007;
 /// On disk only: the page is encrypted.
 pub const PD_TDE_ENCRYPTED: u16 = 0x8000;
-/// On disk only, reserved: the page is encrypted under the file's alternate key version.
+/// On disk only: the page is encrypted under an even key version of its file (a file
+/// has at most two live versions, consecutive, so the parity names one).
 pub const PD_TDE_KEY_ALT: u16 = 0x4000;
 /// Every pd_flags bit tde uses on disk.
 pub const PD_TDE_BITS: u16 = PD_TDE_ENCRYPTED | PD_TDE_KEY_ALT;
@@ -69,6 +71,17 @@ fn set_pd_flags(page: &mut [u8; PAGE_SIZE], flags: u16) {
 /// enough for every page of a plain relation).
 pub fn is_marked(page: &[u8; PAGE_SIZE]) -> bool {
     pd_flags(page) & PD_TDE_ENCRYPTED != 0
+}
+
+/// Whether a page encrypted under key `version` carries [`PD_TDE_KEY_ALT`].
+pub fn alt_for_version(version: u32) -> bool {
+    version.is_multiple_of(2)
+}
+
+/// Whether a stored (marked) page carries [`PD_TDE_KEY_ALT`]: which of its file's two
+/// live key versions encrypted it.
+pub fn key_alt(page: &[u8; PAGE_SIZE]) -> bool {
+    pd_flags(page) & PD_TDE_KEY_ALT != 0
 }
 
 /// Classifies a stored page (cheap: reads pd_flags, and scans for zeros only when the
@@ -157,6 +170,18 @@ pub fn encrypt_page(
     src: &[u8; PAGE_SIZE],
     dst: &mut [u8; PAGE_SIZE],
 ) -> Result<bool, Error> {
+    encrypt_page_alt(c, pos, src, dst, false)
+}
+
+/// [`encrypt_page`] under a key version whose pages carry [`PD_TDE_KEY_ALT`] if `alt`
+/// (see [`alt_for_version`]).
+pub fn encrypt_page_alt(
+    c: &mut PageCipher,
+    pos: &PagePosition,
+    src: &[u8; PAGE_SIZE],
+    dst: &mut [u8; PAGE_SIZE],
+    alt: bool,
+) -> Result<bool, Error> {
     if is_all_zero(src) {
         dst.fill(0);
         return Ok(false);
@@ -170,7 +195,8 @@ pub fn encrypt_page(
         dst.zeroize();
         return Err(e);
     }
-    set_pd_flags(dst, (pd_flags(src) & !PD_TDE_BITS) | PD_TDE_ENCRYPTED);
+    let alt_bit = if alt { PD_TDE_KEY_ALT } else { 0 };
+    set_pd_flags(dst, (pd_flags(src) & !PD_TDE_BITS) | PD_TDE_ENCRYPTED | alt_bit);
     Ok(true)
 }
 
@@ -219,6 +245,21 @@ mod tests {
     }
 
     const POS: PagePosition = PagePosition { rel_number: 16384, fork: 0, block: 7 };
+
+    #[test]
+    fn key_version_parity_is_marked_and_cleared() {
+        let src = sample_page(0x1234_5678);
+        for version in 1..=4u32 {
+            let mut c = cipher();
+            let mut dst = Box::new([0u8; PAGE_SIZE]);
+            assert!(encrypt_page_alt(&mut c, &POS, &src, &mut dst, alt_for_version(version)).unwrap());
+            assert!(is_marked(&dst));
+            assert_eq!(key_alt(&dst), version.is_multiple_of(2), "version {version}");
+            assert!(decrypt_page(&mut c, &POS, &mut dst).unwrap());
+            assert_eq!(&dst[..], &src[..], "both bits are cleared on decryption");
+        }
+        assert!(!alt_for_version(1), "version 1 pages (written before rotation existed) carry no bit");
+    }
 
     #[test]
     fn tweak_layout_is_as_documented() {

@@ -426,6 +426,8 @@ mod tests {
             created: 1,
             algorithm: ALGORITHM_XTS.into(),
             wrapped: "AAAA".into(),
+            previous: None,
+            retired: Vec::new(),
         }
     }
 

@@ -1,0 +1,183 @@
+# 013_rotate_key.pl -- tde_rotate_key(): a new key version for every file of
+# a table, every page re-encrypted online.
+#
+# - Under pgbench load on the table itself: no client error, every row reads
+#   back, amcheck is clean.
+# - Raw files: after the rotation and a checkpoint, every non-zero page of
+#   every file and fork of the table carries the new version's mark (the
+#   parity bit 0x4000 of pd_flags), so none is under the old version.
+# - tde_status shows the new version; a second rotation goes on to the next.
+# - A streaming standby reads the table during and after the rotation, also
+#   after a restart, and after promotion.
+# - kill -9 during a rotation: everything reads back, and calling it again
+#   finishes it.
+use strict;
+use warnings FATAL => 'all';
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use TdeTest;
+
+my $node = new_node('rk', init => { allows_streaming => 1 });
+$node->start;
+configure_keys($node);
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION amcheck;
+	CREATE TABLE t (id serial PRIMARY KEY, k int, v text) USING tde_heap;
+	ALTER TABLE t ALTER COLUMN v SET STORAGE EXTERNAL;
+	CREATE INDEX t_k ON t (k);
+	INSERT INTO t (k, v) SELECT g % 100, 'ROTATE-SECRET-' || g || repeat('x', CASE WHEN g % 50 = 0 THEN 3000 ELSE 50 END)
+	  FROM generate_series(1, 20000) g;
+	VACUUM t;
+	CHECKPOINT;
+});
+$node->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('rk_standby');
+$standby->init_from_backup($node, 'b', has_streaming => 1);
+system('cp', TdeTest::keyring_path($node), TdeTest::keyring_path($standby)) == 0 or die;
+chmod 0600, TdeTest::keyring_path($standby);
+$standby->start;
+
+# The files of t and the raw check of their pages.
+sub files_of
+{
+	my ($n) = @_;
+	my @rels = split /\n/, $n->safe_psql('postgres', q{
+		SELECT pg_relation_filepath(c.oid) FROM pg_class c
+		 WHERE c.oid IN ('t'::regclass, 't_pkey'::regclass, 't_k'::regclass, 't_id_seq'::regclass)
+		    OR c.oid = (SELECT reltoastrelid FROM pg_class WHERE relname = 't')
+		    OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = (SELECT reltoastrelid FROM pg_class WHERE relname = 't'))
+	});
+	my @files;
+	for my $r (@rels)
+	{
+		for my $suffix ('', '_fsm', '_vm')
+		{
+			my $p = $n->data_dir . "/$r$suffix";
+			push @files, $p if -e $p;
+			push @files, grep { -e } map { "$p.$_" } 1 .. 9;
+		}
+	}
+	return @files;
+}
+
+# Counts the non-zero pages of @files by their tde marks: [encrypted with
+# the bit, encrypted without it, not marked].
+sub page_marks
+{
+	my @files = @_;
+	my ($alt, $plain_parity, $unmarked) = (0, 0, 0);
+	for my $f (@files)
+	{
+		open(my $fh, '<:raw', $f) or die "$f: $!";
+		my $page;
+		while (read($fh, $page, 8192) == 8192)
+		{
+			next if $page =~ /^\0+$/;
+			my $flags = unpack('v', substr($page, 10, 2));
+			if (!($flags & 0x8000)) { $unmarked++ }
+			elsif ($flags & 0x4000) { $alt++ }
+			else { $plain_parity++ }
+		}
+		close $fh;
+	}
+	return [ $alt, $plain_parity, $unmarked ];
+}
+
+my @files = files_of($node);
+cmp_ok(scalar(@files), '>=', 6, 'the files of t: heap, TOAST, indexes, sequence, FSM and VM: ' . scalar(@files));
+my $before = page_marks(@files);
+ok($before->[0] == 0 && $before->[1] > 0 && $before->[2] == 0, "before: every page under version 1 (@$before)");
+
+# ---- Rotation under load ------------------------------------------------------
+my $script = $node->basedir . '/load.sql';
+open(my $fh, '>', $script) or die;
+print $fh <<'SQL';
+\set id random(1, 20000)
+UPDATE t SET k = k + 1 WHERE id = :id;
+SELECT v FROM t WHERE id = :id;
+INSERT INTO t (k, v) VALUES (:id % 100, 'ROTATE-SECRET-new-' || :id);
+SQL
+close $fh;
+my ($out, $err) = ('', '');
+my $bench = IPC::Run::start(
+	[ 'pgbench', '-n', '-c', '2', '-T', '12', '-f', $script, '-p', $node->port, '-h', $node->host, 'postgres' ],
+	'>', \$out, '2>', \$err);
+sleep 2;
+my $version = $node->safe_psql('postgres', "SELECT tde_rotate_key('t')");
+is($version, '2', 'tde_rotate_key returns the new version');
+is($standby->safe_psql('postgres', 'SELECT count(*) > 0 FROM t'), 't', 'the standby reads the table meanwhile');
+$bench->finish;
+is($bench->result(0), 0, 'pgbench ran through the rotation without an error');
+unlike($err, qr/ERROR|aborted/, 'no client saw an error') or diag($err);
+my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
+ok(($tx // 0) > 100, "pgbench committed $tx transactions meanwhile");
+
+my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM t');
+cmp_ok($rows, '>', 20000, "every row reads back ($rows)");
+is($node->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE 'ROTATE-SECRET-%'"), $rows, 'and decrypts');
+is($node->safe_psql('postgres', "SELECT count(*) FROM verify_heapam('t')"), '0', 'verify_heapam is clean');
+$node->safe_psql('postgres', "SELECT bt_index_check('t_pkey', true), bt_index_check('t_k', true)");
+pass('bt_index_check passes on both indexes');
+is($node->safe_psql('postgres', "SELECT min(key_version) || '/' || max(key_version) FROM tde_status WHERE relation::text IN ('t', 't_pkey', 't_k', 't_id_seq')"),
+	'2/2', 'tde_status shows version 2 for every file');
+
+$node->safe_psql('postgres', 'CHECKPOINT');
+@files = files_of($node);
+my $after = page_marks(@files);
+ok($after->[0] > 0 && $after->[1] == 0 && $after->[2] == 0,
+	"after the rotation and a checkpoint every page is under version 2, none under version 1 (@$after)");
+is(scalar(files_containing($node, 'ROTATE-SECRET-')), 0, 'no plaintext on disk');
+
+# ---- The standby ------------------------------------------------------------
+$node->wait_for_catchup($standby);
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM t'), $rows, 'the standby reads every row after the rotation');
+$standby->safe_psql('postgres', 'CHECKPOINT');
+$standby->restart;
+is($standby->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE 'ROTATE-SECRET-%'"), $rows,
+	'and after a restart');
+
+# ---- Again ---------------------------------------------------------------------
+is($node->safe_psql('postgres', "SELECT tde_rotate_key('t')"), '3', 'a second rotation gives version 3');
+$node->safe_psql('postgres', 'CHECKPOINT');
+my $third = page_marks(files_of($node));
+ok($third->[0] == 0 && $third->[1] > 0 && $third->[2] == 0, "every page is under version 3 (@$third)");
+is($node->safe_psql('postgres', 'SELECT count(*) FROM t'), $rows, 'everything reads back');
+
+# ---- Refusals ------------------------------------------------------------------
+$node->safe_psql('postgres', 'CREATE TABLE plain_t (i int)');
+my ($rc, $o, $e) = $node->psql('postgres', "SELECT tde_rotate_key('plain_t')");
+like($e, qr/"plain_t" is not encrypted/, 'a plain table is refused');
+
+# ---- kill -9 during a rotation ----------------------------------------------
+$node->safe_psql('postgres', q{
+	CREATE TABLE big (id int PRIMARY KEY, v text) USING tde_heap;
+	INSERT INTO big SELECT g, 'BIG-SECRET-' || g || repeat('y', 200) FROM generate_series(1, 150000) g;
+	CHECKPOINT;
+});
+my $rot = IPC::Run::start([ 'psql', '-X', '-d', $node->connstr('postgres'), '-c', "SELECT tde_rotate_key('big')" ],
+	'>', \my $rout, '2>', \my $rerr);
+my $deadline = time() + 30;
+sleep 0.2 while time() < $deadline
+  && $node->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT tde_rotate_key%' AND state = 'active'") eq '0';
+select(undef, undef, undef, 0.7);
+$node->kill9;
+$rot->kill_kill;
+restart_after_kill9($node);
+is($node->safe_psql('postgres', "SELECT count(*) FROM big WHERE v LIKE 'BIG-SECRET-%'"), '150000',
+	'after kill -9 during a rotation every row reads back');
+is($node->safe_psql('postgres', "SELECT tde_rotate_key('big')"), '2', 'calling it again finishes the rotation at version 2');
+$node->safe_psql('postgres', 'CHECKPOINT');
+is($node->safe_psql('postgres', "SELECT count(*) FROM verify_heapam('big')"), '0', 'verify_heapam is clean');
+is($node->safe_psql('postgres', "SELECT count(*) FROM big"), '150000', 'and everything reads back');
+
+# ---- Promotion ---------------------------------------------------------------
+$node->wait_for_catchup($standby);
+$standby->promote;
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM big'), '150000', 'the promoted standby reads the rotated table');
+$standby->safe_psql('postgres', q{INSERT INTO t (k, v) VALUES (1, 'ROTATE-SECRET-after-promotion')});
+is($standby->safe_psql('postgres', "SELECT tde_rotate_key('t')"), '4', 'and can rotate it again');
+
+$standby->stop;
+$node->stop;
+done_testing();
