@@ -21,11 +21,29 @@ SELECT pg_filenode_relation(
   JOIN pg_database d ON d.datname = current_database()
  WHERE k.dboid = d.oid OR k.dboid = 0;
 
+-- Re-encryption passes running in the current database, in the spirit of
+-- pg_stat_progress_*: one row per relation file of a pass.
+CREATE VIEW tde_reencryption_progress AS
+SELECT p.table_oid::regclass AS "table",
+       p.relation_oid::regclass AS relation,
+       p.fork,
+       p.target_version,
+       p.blocks_done,
+       p.blocks_total,
+       p.state,
+       p.started_at,
+       p.pid
+  FROM tde_reencryption_progress_rows() p;
+
 REVOKE ALL ON FUNCTION tde_add_key_provider(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_set_master_key(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_is_encrypted(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_keys() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_store_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_cache() FROM PUBLIC;
-REVOKE ALL ON FUNCTION tde_rotate_key(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_rotate_key(regclass, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_reencrypt_pause(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_reencrypt_resume(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_reencryption_progress_rows() FROM PUBLIC;
+REVOKE ALL ON tde_reencryption_progress FROM PUBLIC;
 REVOKE ALL ON tde_status FROM PUBLIC;

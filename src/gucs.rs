@@ -11,6 +11,10 @@ pub static MAX_RELATION_KEYS: GucSetting<i32> = GucSetting::<i32>::new(16384);
 /// Unwrapped table keys kept in shared memory (the key cache).
 pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
+/// Re-encryption throttling, in the style of vacuum_cost_delay/limit.
+pub static REENCRYPT_COST_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static REENCRYPT_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
+
 pub fn init() {
     GucRegistry::define_bool_guc(
         c"tde.enforce_encryption",
@@ -28,6 +32,26 @@ pub fn init() {
         16,
         16 * 1024 * 1024,
         GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tde.reencrypt_cost_delay",
+        c"Sleep of a re-encryption pass after every tde.reencrypt_cost_limit pages, in milliseconds (0: none).",
+        c"Throttles tde_rotate_key the way vacuum_cost_delay throttles VACUUM; a background pass takes the value of the session that started it.",
+        &REENCRYPT_COST_DELAY,
+        0,
+        1000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"tde.reencrypt_cost_limit",
+        c"Pages a re-encryption pass rewrites between two sleeps of tde.reencrypt_cost_delay.",
+        c"",
+        &REENCRYPT_COST_LIMIT,
+        1,
+        100000,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -65,6 +65,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         unsafe { prev() };
     }
     keys::request_shmem(gucs::max_relation_keys(), gucs::key_cache_size());
+    reencrypt::progress::request();
 }
 
 #[pg_guard]
@@ -79,6 +80,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
     // The postmaster creates the table and loads the key store into it (also
     // after a crash restart); children inherit it.
     keys::attach_shmem(gucs::max_relation_keys(), gucs::key_cache_size());
+    reencrypt::progress::attach();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

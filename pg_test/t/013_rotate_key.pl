@@ -11,6 +11,9 @@
 #   after a restart, and after promotion.
 # - kill -9 during a rotation: everything reads back, and calling it again
 #   finishes it.
+# - background => true: a worker does the pass, throttled by
+#   tde.reencrypt_cost_delay/limit; tde_reencryption_progress shows it;
+#   tde_reencrypt_pause stops it between two pages and _resume goes on.
 use strict;
 use warnings FATAL => 'all';
 use PostgreSQL::Test::Cluster;
@@ -18,7 +21,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TdeTest;
 
-my $node = new_node('rk', init => { allows_streaming => 1 });
+my $node = new_node('rk', init => { allows_streaming => 1 }, conf => 'wal_keep_size = 1GB');
 $node->start;
 configure_keys($node);
 $node->safe_psql('postgres', q{
@@ -171,10 +174,53 @@ $node->safe_psql('postgres', 'CHECKPOINT');
 is($node->safe_psql('postgres', "SELECT count(*) FROM verify_heapam('big')"), '0', 'verify_heapam is clean');
 is($node->safe_psql('postgres', "SELECT count(*) FROM big"), '150000', 'and everything reads back');
 
+# ---- In the background, throttled, paused and resumed --------------------------
+# Throttled hard (20 ms per 50 pages), so the pass can be watched.
+my $bg = $node->safe_psql('postgres', q{
+	SET tde.reencrypt_cost_delay = 20;
+	SET tde.reencrypt_cost_limit = 50;
+	SELECT tde_rotate_key('big', background => true);
+});
+is($bg, '3', 'background => true returns the new version at once');
+my $progress = q{SELECT relation || ' ' || fork || ' ' || target_version || ' ' || state || ' ' || blocks_done || ' ' || blocks_total
+	FROM tde_reencryption_progress WHERE "table" = 'big'::regclass AND relation = 'big'::regclass};
+my $row = '';
+$deadline = time() + 30;
+while (time() < $deadline)
+{
+	$row = $node->safe_psql('postgres', $progress);
+	last if $row =~ /running/;
+	select(undef, undef, undef, 0.1);
+}
+like($row, qr/^big main 3 running \d+ \d+$/, "tde_reencryption_progress shows the pass ($row)");
+my ($total) = $row =~ / (\d+)$/;
+cmp_ok($total, '>', 1000, 'with the block count of the table');
+$node->safe_psql('postgres', "SELECT tde_reencrypt_pause('big')");
+$deadline = time() + 10;
+$row = $node->safe_psql('postgres', $progress) until $row =~ /paused/ || time() > $deadline;
+like($row, qr/paused/, 'tde_reencrypt_pause pauses it');
+my ($done1) = $row =~ / (\d+) \d+$/;
+sleep 1;
+my ($done2) = $node->safe_psql('postgres', $progress) =~ / (\d+) \d+$/;
+is($done2, $done1, "no page is rewritten while paused ($done1 of $total)");
+$node->safe_psql('postgres', q{INSERT INTO big VALUES (200001, 'BIG-SECRET-during-pause')});
+is($node->safe_psql('postgres', "SELECT count(*) FROM big"), '150001', 'the table is read and written while paused');
+$node->safe_psql('postgres', "SELECT tde_reencrypt_resume('big')");
+$deadline = time() + 120;
+sleep 0.2 while time() < $deadline
+  && $node->safe_psql('postgres', q{SELECT count(*) FROM tde_reencryption_progress WHERE "table" = 'big'::regclass}) ne '0';
+is($node->safe_psql('postgres', q{SELECT count(*) FROM tde_reencryption_progress WHERE "table" = 'big'::regclass}), '0',
+	'after tde_reencrypt_resume the pass ends');
+is($node->safe_psql('postgres', "SELECT min(key_version) || '/' || max(key_version) FROM tde_status WHERE relation::text IN ('big', 'big_pkey')"),
+	'3/3', 'every file of big is at version 3');
+my ($prc, $pout, $perr) = $node->psql('postgres', "SELECT tde_reencrypt_pause('big')");
+like($perr, qr/no re-encryption of relation "big" is running/, 'pausing when nothing runs is an error');
+is($node->safe_psql('postgres', "SELECT count(*) FROM big WHERE v LIKE 'BIG-SECRET-%'"), '150001', 'everything reads back');
+
 # ---- Promotion ---------------------------------------------------------------
 $node->wait_for_catchup($standby);
 $standby->promote;
-is($standby->safe_psql('postgres', 'SELECT count(*) FROM big'), '150000', 'the promoted standby reads the rotated table');
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM big'), '150001', 'the promoted standby reads the rotated table');
 $standby->safe_psql('postgres', q{INSERT INTO t (k, v) VALUES (1, 'ROTATE-SECRET-after-promotion')});
 is($standby->safe_psql('postgres', "SELECT tde_rotate_key('t')"), '4', 'and can rotate it again');
 

@@ -92,14 +92,86 @@ fn tde_keys() -> TableIterator<
 
 /// Gives every file of the table (heap, TOAST, indexes, owned sequences) a
 /// new key version and re-encrypts every page under it, online: reads and
-/// writes go on.  Returns the table's new key version.  Running it again
-/// after a crash finishes an interrupted rotation.
+/// writes go on.  Returns the table's new key version.  With `background`,
+/// returns at once and a background worker does the pass.  Running it
+/// again after a crash finishes an interrupted rotation.
 #[pg_extern(
     volatile,
-    sql = "CREATE FUNCTION tde_rotate_key(rel regclass) RETURNS int STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+    sql = "CREATE FUNCTION tde_rotate_key(rel regclass, background boolean DEFAULT false) RETURNS int STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
 )]
-fn tde_rotate_key(rel: pg_sys::Oid) -> i32 {
-    crate::reencrypt::rotate(rel) as i32
+fn tde_rotate_key(rel: pg_sys::Oid, background: bool) -> i32 {
+    if background {
+        crate::reencrypt::rotate_in_background(rel) as i32
+    } else {
+        crate::reencrypt::rotate(rel, crate::reencrypt::Throttle::from_gucs()) as i32
+    }
+}
+
+/// Pauses the running re-encryption pass over the table (it waits between
+/// two pages until resumed).
+#[pg_extern(
+    volatile,
+    sql = "CREATE FUNCTION tde_reencrypt_pause(rel regclass) RETURNS void STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_reencrypt_pause(rel: pg_sys::Oid) {
+    crate::reencrypt::set_paused(rel, true)
+}
+
+/// Resumes a paused re-encryption pass over the table.
+#[pg_extern(
+    volatile,
+    sql = "CREATE FUNCTION tde_reencrypt_resume(rel regclass) RETURNS void STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_reencrypt_resume(rel: pg_sys::Oid) {
+    crate::reencrypt::set_paused(rel, false)
+}
+
+/// The running re-encryption passes of the current database, one row per
+/// relation file (the view tde_reencryption_progress).
+// The row type is pgrx's named-column tuple, as for tde_keys().
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile)]
+fn tde_reencryption_progress_rows() -> TableIterator<
+    'static,
+    (
+        name!(table_oid, pg_sys::Oid),
+        name!(relation_oid, pg_sys::Oid),
+        name!(fork, &'static str),
+        name!(target_version, i32),
+        name!(blocks_done, i64),
+        name!(blocks_total, i64),
+        name!(state, &'static str),
+        name!(started_at, TimestampWithTimeZone),
+        name!(pid, i32),
+    ),
+> {
+    // SAFETY: plain read of a process global.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let rows: Vec<_> = crate::reencrypt::progress::list()
+        .into_iter()
+        .filter(|r| r.db == db)
+        .map(|r| {
+            let fork = match r.fork {
+                1 => "fsm",
+                2 => "vm",
+                3 => "init",
+                _ => "main",
+            };
+            let started = TimestampWithTimeZone::try_from(r.started_at).unwrap_or_else(|_| to_timestamp(0.0));
+            (
+                r.table,
+                r.rel,
+                fork,
+                r.target_version as i32,
+                r.blocks_done as i64,
+                r.blocks_total as i64,
+                r.state.name(),
+                started,
+                r.pid,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
 }
 
 /// The key store's state: 'empty' (no master key yet), 'unlocked', or

@@ -24,6 +24,9 @@
 //! and calling `tde_rotate_key` again finishes the pass (a file already
 //! mid-rotation keeps its new version and is walked again).
 
+pub mod progress;
+mod worker;
+
 use pgrx::pg_sys;
 use pgrx::PgList;
 
@@ -31,6 +34,40 @@ use tde_core::keystore::FileId;
 
 use crate::error::{OrRaise, TdeError};
 use crate::keys;
+
+/// Vacuum-style throttling of a pass: after every `limit` pages, sleep
+/// `delay_ms` (0: no sleep).  From tde.reencrypt_cost_delay and
+/// tde.reencrypt_cost_limit of the session that asked for the pass.
+#[derive(Clone, Copy)]
+pub struct Throttle {
+    pub delay_ms: u32,
+    pub limit: u32,
+}
+
+impl Throttle {
+    pub fn from_gucs() -> Throttle {
+        Throttle {
+            delay_ms: crate::gucs::REENCRYPT_COST_DELAY.get().max(0) as u32,
+            limit: crate::gucs::REENCRYPT_COST_LIMIT.get().max(1) as u32,
+        }
+    }
+}
+
+/// Sleeps `ms` milliseconds on the process latch, waking for interrupts
+/// and postmaster death.
+fn sleep_ms(ms: u32) {
+    // SAFETY: the standard latch wait of a backend or background worker.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}
 
 /// The relations whose files share a table's encryption: the table, its
 /// TOAST table and TOAST index, its indexes and its owned sequences.
@@ -88,8 +125,9 @@ fn lock_file(relid: pg_sys::Oid) -> (FileId, bool) {
     }
 }
 
-/// Rewrites every page of every fork of `relid` (step 3).
-fn rewrite_pages(relid: pg_sys::Oid, permanent: bool) {
+/// Rewrites every page of every fork of `relid` (step 3), reporting
+/// progress in `slot`, throttled, and waiting while paused.
+fn rewrite_pages(relid: pg_sys::Oid, permanent: bool, slot: Option<usize>, throttle: Throttle, budget: &mut u32) {
     use pg_sys::ForkNumber::*;
     // SAFETY: the standard buffer protocol on a relation we hold locked:
     // read, lock exclusively, dirty and WAL-log inside a critical section
@@ -109,6 +147,18 @@ fn rewrite_pages(relid: pg_sys::Oid, permanent: bool) {
             let wal = permanent || fork == INIT_FORKNUM;
             for block in 0..nblocks {
                 pgrx::check_for_interrupts!();
+                if block % 64 == 0 {
+                    while progress::report(slot, fork, block.into(), nblocks.into()) {
+                        sleep_ms(100);
+                    }
+                }
+                if throttle.delay_ms > 0 {
+                    *budget += 1;
+                    if *budget >= throttle.limit {
+                        *budget = 0;
+                        sleep_ms(throttle.delay_ms);
+                    }
+                }
                 let buf = pg_sys::ReadBufferExtended(
                     rel,
                     fork,
@@ -128,14 +178,15 @@ fn rewrite_pages(relid: pg_sys::Oid, permanent: bool) {
                 }
                 pg_sys::UnlockReleaseBuffer(buf);
             }
+            progress::report(slot, fork, nblocks.into(), nblocks.into());
         }
         pg_sys::relation_close(rel, pg_sys::NoLock as _);
     }
 }
 
-/// tde_rotate_key(rel): steps 1 to 4 above; returns the table's new key
-/// version.
-pub fn rotate(relid: pg_sys::Oid) -> u32 {
+/// Steps 1 and 2: locks every relation of the table and gives its files a
+/// new key version (or keeps the one of an interrupted rotation).
+fn begin(relid: pg_sys::Oid) -> (FileId, Vec<(pg_sys::Oid, FileId, bool)>) {
     let (table_file, _) = lock_file(relid);
     let rels: Vec<(pg_sys::Oid, FileId, bool)> = relations_of(relid)
         .into_iter()
@@ -146,12 +197,54 @@ pub fn rotate(relid: pg_sys::Oid) -> u32 {
         .collect();
     let files: Vec<FileId> = rels.iter().map(|r| r.1).collect();
     keys::begin_rotation(&files).or_raise();
-    for (oid, _, permanent) in &rels {
-        rewrite_pages(*oid, *permanent);
+    (table_file, rels)
+}
+
+/// tde_rotate_key(rel): steps 1 to 4 above; returns the table's new key
+/// version.
+pub fn rotate(relid: pg_sys::Oid, throttle: Throttle) -> u32 {
+    let (table_file, rels) = begin(relid);
+    let targets: Vec<(pg_sys::Oid, u32)> =
+        rels.iter().map(|(oid, file, _)| (*oid, keys::current_version(file).unwrap_or(0))).collect();
+    // SAFETY: plain read of a process global.
+    let slots = progress::begin(unsafe { pg_sys::MyDatabaseId }, relid, &targets);
+    let mut budget = 0;
+    for (n, (oid, _, permanent)) in rels.iter().enumerate() {
+        rewrite_pages(*oid, *permanent, slots.slot(n), throttle, &mut budget);
     }
     // Every page is dirty under the new version or written with it: a
     // checkpoint makes that durable, then no page uses the previous one.
     crate::pg::request_checkpoint_and_wait();
+    let files: Vec<FileId> = rels.iter().map(|r| r.1).collect();
     keys::finish_rotation(&files).or_raise();
+    drop(slots);
     keys::current_version(&table_file).unwrap_or(0)
+}
+
+/// tde_rotate_key(rel, background => true): steps 1 and 2 here, so the new
+/// version is known and returned at once; a background worker does the
+/// pass (it takes the locks again once this transaction ends).
+pub fn rotate_in_background(relid: pg_sys::Oid) -> u32 {
+    let (table_file, _) = begin(relid);
+    worker::launch(relid, Throttle::from_gucs());
+    keys::current_version(&table_file).unwrap_or(0)
+}
+
+/// tde_reencrypt_pause(rel) / tde_reencrypt_resume(rel).
+pub fn set_paused(relid: pg_sys::Oid, pause: bool) {
+    // SAFETY: plain read of a process global.
+    if progress::set_paused(unsafe { pg_sys::MyDatabaseId }, relid, pause) == 0 {
+        TdeError::Invalid(format!("no re-encryption of relation {} is running", relname(relid))).raise();
+    }
+}
+
+fn relname(relid: pg_sys::Oid) -> String {
+    // SAFETY: returns a palloc'd name or NULL.
+    let p = unsafe { pg_sys::get_rel_name(relid) };
+    if p.is_null() {
+        format!("with OID {}", u32::from(relid))
+    } else {
+        // SAFETY: a NUL-terminated string.
+        format!("\"{}\"", unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy())
+    }
 }
