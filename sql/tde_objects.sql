@@ -21,6 +21,29 @@ SELECT pg_filenode_relation(
   JOIN pg_database d ON d.datname = current_database()
  WHERE k.dboid = d.oid OR k.dboid = 0;
 
+-- The key inventory: one row per key version of every encrypted relation
+-- file, with its state (active, retired, destroyed), the master key that
+-- wraps it, its age, and whether it is older than tde.key_max_age.
+CREATE VIEW tde_keys AS
+SELECT k.key_id,
+       CASE WHEN k.dboid = d.oid OR k.dboid = 0 THEN
+         pg_filenode_relation(CASE WHEN k.spcoid = d.dattablespace THEN 0 ELSE k.spcoid END, k.relfilenode)
+       END AS relation,
+       k.spcoid,
+       k.dboid,
+       k.relfilenode,
+       k.version,
+       k.state,
+       k.algorithm,
+       k.master_key,
+       k.created_at,
+       k.retired_at,
+       k.destroyed_at,
+       now() - k.created_at AS age,
+       k.overdue
+  FROM tde_key_inventory() k
+  JOIN pg_database d ON d.datname = current_database();
+
 -- Re-encryption passes running in the current database, in the spirit of
 -- pg_stat_progress_*: one row per relation file of a pass.
 CREATE VIEW tde_reencryption_progress AS
@@ -46,4 +69,24 @@ REVOKE ALL ON FUNCTION tde_reencrypt_pause(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_reencrypt_resume(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_reencryption_progress_rows() FROM PUBLIC;
 REVOKE ALL ON tde_reencryption_progress FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_key_inventory() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_destroy_retired_keys(interval) FROM PUBLIC;
+REVOKE ALL ON tde_keys FROM PUBLIC;
 REVOKE ALL ON tde_status FROM PUBLIC;
+
+-- tde_admin: may rotate table keys, destroy retired ones, watch and pause
+-- re-encryption, and read the key inventory and status.  Providers and the
+-- master key stay with superusers (they name server files and variables).
+-- Roles are cluster-wide, so a second database's CREATE EXTENSION reuses it.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'tde_admin') THEN
+    CREATE ROLE tde_admin NOLOGIN;
+  END IF;
+END
+$$;
+GRANT EXECUTE ON FUNCTION tde_is_encrypted(regclass), tde_keys(), tde_key_store_state(), tde_key_cache(),
+    tde_rotate_key(regclass, boolean), tde_reencrypt_pause(regclass), tde_reencrypt_resume(regclass),
+    tde_reencryption_progress_rows(), tde_key_inventory(), tde_destroy_retired_keys(interval)
+  TO tde_admin;
+GRANT SELECT ON tde_status, tde_keys, tde_reencryption_progress TO tde_admin;

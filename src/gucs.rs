@@ -11,6 +11,9 @@ pub static MAX_RELATION_KEYS: GucSetting<i32> = GucSetting::<i32>::new(16384);
 /// Unwrapped table keys kept in shared memory (the key cache).
 pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(4096);
 
+/// Cryptoperiod of table keys, in seconds (0: off).
+pub static KEY_MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Re-encryption throttling, in the style of vacuum_cost_delay/limit.
 pub static REENCRYPT_COST_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static REENCRYPT_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
@@ -33,6 +36,16 @@ pub fn init() {
         16 * 1024 * 1024,
         GucContext::Postmaster,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tde.key_max_age",
+        c"Cryptoperiod of table keys: a current key version older than this is flagged overdue in tde_keys (0: off).",
+        c"For example '365d'. tde_rotate_key gives a table's files a new version.",
+        &KEY_MAX_AGE,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"tde.reencrypt_cost_delay",

@@ -66,6 +66,7 @@ fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, keys: &N
             created: now(),
             wrapped: wrap_version(store_id, kek, file, key_id, *v, k)?,
             retired_at: None,
+            destroyed_at: None,
         }),
         None => None,
     };
@@ -158,6 +159,84 @@ pub fn finish_rotation(files: &[FileId]) -> Result<(), TdeError> {
             .map(|(file, version)| (Change::RetireKeyVersion { file, version, retired_at: now() }, Secret::None))
             .collect())
     })
+}
+
+/// One key version, as the key inventory (view tde_keys) shows it.
+pub struct InventoryRow {
+    pub file: FileId,
+    pub key_id: u64,
+    pub version: u32,
+    /// active (current or previous live version), retired or destroyed.
+    pub state: &'static str,
+    pub algorithm: String,
+    /// provider/key name of the master key that wraps the KEK.
+    pub master_key: Option<String>,
+    pub created: i64,
+    pub retired_at: Option<i64>,
+    pub destroyed_at: Option<i64>,
+    /// The current version is older than tde.key_max_age.
+    pub overdue: bool,
+}
+
+/// Every key version of the key store (no key material).
+pub fn inventory(max_age_secs: i64) -> Result<Vec<InventoryRow>, TdeError> {
+    let Some(ks) = store::read_current()? else { return Ok(Vec::new()) };
+    let master = ks.principal.as_ref().map(|p| format!("{}/{}", p.provider, p.key_name));
+    let now = now();
+    let mut rows = Vec::new();
+    for e in ks.keys.values() {
+        let row = |version, state, created, retired_at, destroyed_at, overdue| InventoryRow {
+            file: e.file,
+            key_id: e.key_id,
+            version,
+            state,
+            algorithm: e.algorithm.clone(),
+            master_key: master.clone(),
+            created,
+            retired_at,
+            destroyed_at,
+            overdue,
+        };
+        let overdue = max_age_secs > 0 && now - e.created > max_age_secs;
+        rows.push(row(e.version, "active", e.created, None, None, overdue));
+        if let Some(p) = &e.previous {
+            rows.push(row(p.version, "active", p.created, None, None, false));
+        }
+        for o in &e.retired {
+            let state = if o.destroyed_at.is_some() { "destroyed" } else { "retired" };
+            rows.push(row(o.version, state, o.created, o.retired_at, o.destroyed_at, false));
+        }
+    }
+    Ok(rows)
+}
+
+/// tde_destroy_retired_keys(older_than): erases every key version retired
+/// at least `older_than_secs` ago (its record stays, state destroyed), then
+/// compacts the key store file so the wrapped bytes leave it.  Returns how
+/// many were destroyed.  Live versions are never candidates.
+pub fn destroy_retired(older_than_secs: i64) -> Result<usize, TdeError> {
+    let Some(ks) = store::read_current()? else { return Ok(0) };
+    let cutoff = now() - older_than_secs.max(0);
+    let doomed: Vec<(FileId, u32)> = ks
+        .keys
+        .values()
+        .flat_map(|e| e.retired.iter().map(move |o| (e.file, o)))
+        .filter(|(_, o)| o.destroyed_at.is_none() && o.retired_at.is_some_and(|t| t <= cutoff))
+        .map(|(f, o)| (f, o.version))
+        .collect();
+    let n = doomed.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let at = now();
+    store::commit(|_| {
+        Ok(doomed
+            .iter()
+            .map(|&(file, version)| (Change::DestroyKeyVersion { file, version, destroyed_at: at }, Secret::None))
+            .collect())
+    })?;
+    store::compact_now()?;
+    Ok(n)
 }
 
 /// The current key version of `file`.

@@ -450,6 +450,7 @@ fn apply_to_table(x: &Exclusive, change: &Change) {
             shmem::rotate(x, file, *version, *created, &decode_wrapped(wrapped), None)
         }
         Change::RetireKeyVersion { file, version, .. } => shmem::retire(x, file, *version),
+        Change::DestroyKeyVersion { .. } => {} // retired versions are not in the table
         Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_) | Change::Checkpoint { .. } => {}
     }
 }
@@ -669,6 +670,40 @@ pub fn remove_quietly(files: &[FileId]) {
             }
         });
     })
+}
+
+/// Rewrites the file as one snapshot now (after destroying key versions:
+/// their wrapped bytes must leave the log, not wait for a checkpoint).
+pub fn compact_now() -> Result<(), TdeError> {
+    shmem::with_store_lock(|s| {
+        let mut m = shmem::meta(s);
+        if !m.exists {
+            return Ok(());
+        }
+        drain(s, &mut m)?;
+        shmem::set_meta(s, &m);
+        compact(s, &m)?;
+        let mut m = shmem::meta(s);
+        m.dirty = false;
+        shmem::set_meta(s, &m);
+        Ok(())
+    })
+}
+
+/// The whole key store as it stands, queued frames included (they are
+/// appended first, after a WAL flush): for the key inventory.  O(n).
+pub fn read_current() -> Result<Option<KeyStore>, TdeError> {
+    if shmem::is_attached() {
+        shmem::with_store_lock(|s| -> Result<(), TdeError> {
+            let mut m = shmem::meta(s);
+            if m.exists && m.pending_len > 0 {
+                drain(s, &mut m)?;
+                shmem::set_meta(s, &m);
+            }
+            Ok(())
+        })?;
+    }
+    read()
 }
 
 /// Reads the whole key store for its providers and master key, which are

@@ -174,6 +174,62 @@ fn tde_reencryption_progress_rows() -> TableIterator<
     TableIterator::new(rows)
 }
 
+/// Every key version of the key store: the rows under the view tde_keys.
+// The row type is pgrx's named-column tuple, as for tde_keys().
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile)]
+fn tde_key_inventory() -> TableIterator<
+    'static,
+    (
+        name!(spcoid, pg_sys::Oid),
+        name!(dboid, pg_sys::Oid),
+        name!(relfilenode, pg_sys::Oid),
+        name!(key_id, i64),
+        name!(version, i32),
+        name!(state, &'static str),
+        name!(algorithm, String),
+        name!(master_key, Option<String>),
+        name!(created_at, TimestampWithTimeZone),
+        name!(retired_at, Option<TimestampWithTimeZone>),
+        name!(destroyed_at, Option<TimestampWithTimeZone>),
+        name!(overdue, bool),
+    ),
+> {
+    let rows: Vec<_> = keys::inventory(crate::gucs::KEY_MAX_AGE.get() as i64)
+        .or_raise()
+        .into_iter()
+        .map(|r| {
+            (
+                pg_sys::Oid::from(r.file.spc),
+                pg_sys::Oid::from(r.file.db),
+                pg_sys::Oid::from(r.file.rel),
+                r.key_id as i64,
+                r.version as i32,
+                r.state,
+                r.algorithm,
+                r.master_key,
+                to_timestamp(r.created as f64),
+                r.retired_at.map(|t| to_timestamp(t as f64)),
+                r.destroyed_at.map(|t| to_timestamp(t as f64)),
+                r.overdue,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Destroys every key version retired at least `older_than` ago: its
+/// wrapped bytes are erased from the key store (the record stays, state
+/// 'destroyed').  Returns how many were destroyed.
+#[pg_extern(
+    volatile,
+    sql = "CREATE FUNCTION tde_destroy_retired_keys(older_than interval) RETURNS int STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_destroy_retired_keys(older_than: Interval) -> i32 {
+    let secs = older_than.as_micros() / 1_000_000;
+    keys::destroy_retired(secs.clamp(0, i64::MAX as i128) as i64).or_raise() as i32
+}
+
 /// The key store's state: 'empty' (no master key yet), 'unlocked', or
 /// 'locked' with the reason.
 #[pg_extern(volatile)]

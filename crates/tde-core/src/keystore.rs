@@ -90,6 +90,10 @@ pub struct OldVersion {
     /// Unix seconds; set once retired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<i64>,
+    /// Unix seconds; set once destroyed (`wrapped` is then empty: the
+    /// version can never be unwrapped again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destroyed_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,6 +140,13 @@ pub enum Change {
         file: FileId,
         version: u32,
         retired_at: i64,
+    },
+    /// A retired version is destroyed (tde_destroy_retired_keys): its
+    /// wrapped bytes are erased, the record of it stays.
+    DestroyKeyVersion {
+        file: FileId,
+        version: u32,
+        destroyed_at: i64,
     },
     /// Changes nothing: written at each checkpoint, it says which store (and,
     /// in its [`Record`], which generation) the checkpoint vouches for.
@@ -255,12 +266,26 @@ impl KeyStore {
                 if e.previous.is_some() || *version != e.version + 1 {
                     return Err(StoreError::BadRotation(*file));
                 }
-                let old =
-                    OldVersion { version: e.version, created: e.created, wrapped: e.wrapped.clone(), retired_at: None };
+                let old = OldVersion {
+                    version: e.version,
+                    created: e.created,
+                    wrapped: e.wrapped.clone(),
+                    retired_at: None,
+                    destroyed_at: None,
+                };
                 e.previous = Some(old);
                 e.version = *version;
                 e.created = *created;
                 e.wrapped = wrapped.clone();
+            }
+            Change::DestroyKeyVersion { file, version, destroyed_at } => {
+                if let Some(e) = self.keys.get_mut(file) {
+                    if let Some(old) = e.retired.iter_mut().find(|o| o.version == *version && o.destroyed_at.is_none())
+                    {
+                        old.wrapped.clear();
+                        old.destroyed_at = Some(*destroyed_at);
+                    }
+                }
             }
             Change::RetireKeyVersion { file, version, retired_at } => {
                 // The file may be gone since; nothing to retire then.
@@ -396,6 +421,15 @@ mod tests {
         assert_eq!(e.retired[0].retired_at, Some(11));
         ks.apply(&third).unwrap();
         assert_eq!(ks.key(&file).unwrap().version, 3);
+        // Destroying a retired version erases its wrapped bytes, keeps the record.
+        let destroy = Change::DestroyKeyVersion { file, version: 1, destroyed_at: 12 };
+        ks.apply(&destroy).unwrap();
+        ks.apply(&destroy).unwrap();
+        let old = &ks.key(&file).unwrap().retired[0];
+        assert_eq!((old.version, old.wrapped.as_str(), old.destroyed_at), (1, "", Some(12)));
+        // A live version is never destroyed: only retired ones are candidates.
+        ks.apply(&Change::DestroyKeyVersion { file, version: 2, destroyed_at: 13 }).unwrap();
+        assert_eq!(ks.key(&file).unwrap().previous.as_ref().unwrap().wrapped, "BBBB");
         // Rotating a file that has no key is an error; retiring one is not.
         let other = FileId { spc: 1, db: 1, rel: 1 };
         assert!(ks.apply(&Change::RotateKey { file: other, version: 2, created: 0, wrapped: String::new() }).is_err());
