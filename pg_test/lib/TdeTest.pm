@@ -17,7 +17,7 @@ use Digest::SHA qw(sha256 hmac_sha256);
 use JSON::PP;
 
 our @EXPORT = qw(new_node configure_keys files_containing restart_after_kill9
-  keystore_frames keystore_key_rels keystore_write_unkeyed);
+  keystore_frames keystore_key_rels keystore_write_unkeyed relation_files page_marks);
 
 sub new_node
 {
@@ -86,6 +86,59 @@ sub restart_after_kill9
 		sleep 1;
 	}
 	die "could not restart " . $node->name . " after kill9";
+}
+
+# ---- Raw pages ----------------------------------------------------------------
+#
+# relation_files(NODE, TABLE): every file of TABLE in database postgres:
+# the table, its TOAST table and TOAST index, its indexes and owned
+# sequences, with their FSM and VM forks and extra segments.
+sub relation_files
+{
+	my ($n, $table) = @_;
+	my @rels = split /\n/, $n->safe_psql('postgres', qq{
+		WITH t AS (SELECT oid, reltoastrelid FROM pg_class WHERE oid = '$table'::regclass)
+		SELECT pg_relation_filepath(c.oid) FROM pg_class c, t
+		 WHERE c.oid = t.oid OR c.oid = t.reltoastrelid
+		    OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN (t.oid, t.reltoastrelid))
+		    OR c.oid IN (SELECT objid FROM pg_depend WHERE refobjid = t.oid AND classid = 'pg_class'::regclass
+		                   AND deptype IN ('a', 'i') AND objid IN (SELECT oid FROM pg_class WHERE relkind = 'S'))
+	});
+	my @files;
+	for my $r (@rels)
+	{
+		for my $suffix ('', '_fsm', '_vm')
+		{
+			my $p = $n->data_dir . "/$r$suffix";
+			push @files, $p if -e $p;
+			push @files, grep { -e } map { "$p.$_" } 1 .. 9;
+		}
+	}
+	return @files;
+}
+
+# page_marks(FILES): the non-zero pages of FILES by their tde marks in
+# pd_flags: [encrypted under an even key version (0x8000|0x4000), encrypted
+# under an odd one (0x8000), not marked].
+sub page_marks
+{
+	my @files = @_;
+	my ($alt, $odd, $unmarked) = (0, 0, 0);
+	for my $f (@files)
+	{
+		open(my $fh, '<:raw', $f) or die "$f: $!";
+		my $page;
+		while (read($fh, $page, 8192) == 8192)
+		{
+			next if $page =~ /^\0+$/;
+			my $flags = unpack('v', substr($page, 10, 2));
+			if (!($flags & 0x8000)) { $unmarked++ }
+			elsif ($flags & 0x4000) { $alt++ }
+			else { $odd++ }
+		}
+		close $fh;
+	}
+	return [ $alt, $odd, $unmarked ];
 }
 
 # ---- The key store file (format: crates/tde-core/src/storefile.rs) ---------

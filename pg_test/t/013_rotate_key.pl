@@ -41,51 +41,7 @@ system('cp', TdeTest::keyring_path($node), TdeTest::keyring_path($standby)) == 0
 chmod 0600, TdeTest::keyring_path($standby);
 $standby->start;
 
-# The files of t and the raw check of their pages.
-sub files_of
-{
-	my ($n) = @_;
-	my @rels = split /\n/, $n->safe_psql('postgres', q{
-		SELECT pg_relation_filepath(c.oid) FROM pg_class c
-		 WHERE c.oid IN ('t'::regclass, 't_pkey'::regclass, 't_k'::regclass, 't_id_seq'::regclass)
-		    OR c.oid = (SELECT reltoastrelid FROM pg_class WHERE relname = 't')
-		    OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = (SELECT reltoastrelid FROM pg_class WHERE relname = 't'))
-	});
-	my @files;
-	for my $r (@rels)
-	{
-		for my $suffix ('', '_fsm', '_vm')
-		{
-			my $p = $n->data_dir . "/$r$suffix";
-			push @files, $p if -e $p;
-			push @files, grep { -e } map { "$p.$_" } 1 .. 9;
-		}
-	}
-	return @files;
-}
-
-# Counts the non-zero pages of @files by their tde marks: [encrypted with
-# the bit, encrypted without it, not marked].
-sub page_marks
-{
-	my @files = @_;
-	my ($alt, $plain_parity, $unmarked) = (0, 0, 0);
-	for my $f (@files)
-	{
-		open(my $fh, '<:raw', $f) or die "$f: $!";
-		my $page;
-		while (read($fh, $page, 8192) == 8192)
-		{
-			next if $page =~ /^\0+$/;
-			my $flags = unpack('v', substr($page, 10, 2));
-			if (!($flags & 0x8000)) { $unmarked++ }
-			elsif ($flags & 0x4000) { $alt++ }
-			else { $plain_parity++ }
-		}
-		close $fh;
-	}
-	return [ $alt, $plain_parity, $unmarked ];
-}
+sub files_of { return relation_files($_[0], 't') }
 
 my @files = files_of($node);
 cmp_ok(scalar(@files), '>=', 6, 'the files of t: heap, TOAST, indexes, sequence, FSM and VM: ' . scalar(@files));

@@ -42,14 +42,25 @@ pub struct Ciphers {
     /// The previous version while a rotation is in progress; decrypts the
     /// pages not yet re-encrypted (the other parity).
     pub previous: Option<PageCipher>,
+    /// tde_encrypt_table or tde_decrypt_table is running: unmarked pages
+    /// (not yet rewritten) are legal and read as plain.
+    pub accept_plain: bool,
+    /// tde_decrypt_table is running: pages are written plain.
+    pub write_plain: bool,
 }
 
 impl Ciphers {
-    fn new(current: (u32, &TableKey), previous: Option<&TableKey>) -> Result<Ciphers, tde_core::secret::Error> {
+    fn new(
+        current: (u32, &TableKey),
+        previous: Option<&TableKey>,
+        phase: u8,
+    ) -> Result<Ciphers, tde_core::secret::Error> {
         Ok(Ciphers {
             current: PageCipher::new(current.1)?,
             current_alt: tde_core::page::alt_for_version(current.0),
             previous: previous.map(PageCipher::new).transpose()?,
+            accept_plain: phase != 0,
+            write_plain: phase == 2,
         })
     }
 
@@ -93,7 +104,7 @@ fn load(file: &FileId) -> Entry {
         Found::Unavailable => Entry::Unavailable,
         Found::Keys(keys) => {
             let current = (keys.current.0, &keys.current.1);
-            match Ciphers::new(current, keys.previous.as_ref().map(|p| &p.1)) {
+            match Ciphers::new(current, keys.previous.as_ref().map(|p| &p.1), keys.phase) {
                 Ok(c) => Entry::Cipher(Box::new(c)),
                 Err(_) => Entry::Unavailable,
             }
@@ -139,7 +150,7 @@ pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut Ciphers)) -> K
 }
 
 pub fn add_temp_key(file: FileId, key: &TableKey) -> Result<(), tde_core::secret::Error> {
-    let ciphers = Ciphers::new((1, key), None)?;
+    let ciphers = Ciphers::new((1, key), None, 0)?;
     CACHE.with(|c| c.borrow_mut().temp.insert(file, Box::new(ciphers)));
     Ok(())
 }

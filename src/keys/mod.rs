@@ -25,7 +25,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pgrx::pg_sys;
 use tde_core::keystore::{
-    kek_aad, tek_aad, Change, FileId, KeyEntry, OldVersion, Principal, ProviderEntry, ALGORITHM_XTS,
+    kek_aad, tek_aad, Change, FileId, KeyEntry, OldVersion, Phase, Principal, ProviderEntry, ALGORITHM_XTS,
 };
 use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
@@ -79,6 +79,7 @@ fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, keys: &N
         wrapped: wrap_version(store_id, kek, file, key_id, *version, tek)?,
         previous,
         retired: Vec::new(),
+        phase: tde_core::keystore::Phase::Encrypted,
     })
 }
 
@@ -100,7 +101,7 @@ pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), T
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
-    install_keys(vec![(file, NewKeys { current: (1, tek), previous: None })])
+    install_keys(vec![(file, NewKeys { current: (1, tek), previous: None, phase: 0 })])
 }
 
 /// Records each set of keys as the keys of its file (new keys, or copies of
@@ -117,7 +118,12 @@ fn install_keys(keys: Vec<(FileId, NewKeys)>) -> Result<(), TdeError> {
         keys.into_iter()
             .zip(ks.next_key_id..)
             .map(|((file, keys), key_id)| {
-                let entry = wrap_entry(&ks.store_id, &kek, file, key_id, &keys)?;
+                let mut entry = wrap_entry(&ks.store_id, &kek, file, key_id, &keys)?;
+                entry.phase = match keys.phase {
+                    1 => Phase::Encrypting,
+                    2 => Phase::Decrypting,
+                    _ => Phase::Encrypted,
+                };
                 Ok((Change::AddKey(entry), Secret::TableKey(keys.current.1)))
             })
             .collect()
@@ -146,6 +152,64 @@ pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
             changes.push((Change::RotateKey { file: *file, version, created: now(), wrapped }, Secret::TableKey(tek)));
         }
         Ok(changes)
+    })
+}
+
+/// Starts encrypting `files` in place: each file without a key gets one in
+/// the encrypting phase (its plain pages stay readable until rewritten); a
+/// file left decrypting by an interrupted tde_decrypt_table goes back to
+/// encrypting.  One key store change.
+pub fn begin_encryption(files: &[FileId]) -> Result<(), TdeError> {
+    store::commit(|view| {
+        let kek = shmem::kek().ok_or_else(|| match shmem::state() {
+            (shmem::StoreState::Locked, why) => TdeError::Locked(why),
+            _ => TdeError::NoMasterKey,
+        })?;
+        let mut changes = Vec::new();
+        let mut key_id = view.next_key_id;
+        for file in files {
+            match shmem::entry(file) {
+                Some(e) if e.phase == 2 => {
+                    changes.push((Change::SetPhase { file: *file, phase: Phase::Encrypting }, Secret::None))
+                }
+                Some(_) => {}
+                None => {
+                    let keys = NewKeys {
+                        current: (1, TableKey::generate().map_err(|_| TdeError::Crypto)?),
+                        previous: None,
+                        phase: 1,
+                    };
+                    let mut entry = wrap_entry(&view.store_id, &kek, *file, key_id, &keys)?;
+                    entry.phase = Phase::Encrypting;
+                    key_id += 1;
+                    changes.push((Change::AddKey(entry), Secret::TableKey(keys.current.1)));
+                }
+            }
+        }
+        Ok(changes)
+    })
+}
+
+/// Moves every file of `files` that has a key to `phase`.
+pub fn set_phase(files: &[FileId], phase: Phase) -> Result<(), TdeError> {
+    store::commit(|_| {
+        Ok(files
+            .iter()
+            .filter(|f| shmem::entry(f).is_some_and(|e| e.phase != store::phase_code(phase)))
+            .map(|f| (Change::SetPhase { file: *f, phase }, Secret::None))
+            .collect())
+    })
+}
+
+/// Drops the keys of `files` (tde_decrypt_table, once every page is plain),
+/// WAL-logged.
+pub fn remove_keys(files: &[FileId]) -> Result<(), TdeError> {
+    store::commit(|_| {
+        Ok(files
+            .iter()
+            .filter(|f| shmem::contains(f))
+            .map(|f| (Change::RemoveKey { file: *f }, Secret::None))
+            .collect())
     })
 }
 

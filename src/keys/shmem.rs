@@ -151,6 +151,8 @@ pub enum Found {
 pub struct Keys {
     pub current: (u32, TableKey),
     pub previous: Option<(u32, TableKey)>,
+    /// 0: encrypted; 1: encrypting; 2: decrypting (keystore::Phase).
+    pub phase: u8,
 }
 
 /// A key table entry without key material.
@@ -158,6 +160,7 @@ pub struct EntryInfo {
     pub key_id: u64,
     pub version: u32,
     pub previous: Option<u32>,
+    pub phase: u8,
 }
 
 /// Cache counters, for `tde_key_cache()`.
@@ -426,7 +429,7 @@ fn lookup(f: &FileId) -> Option<Found> {
         None => None,
     };
     counter(Counter::Hits).fetch_add(1, Ordering::Relaxed);
-    Some(Found::Keys(Keys { current, previous }))
+    Some(Found::Keys(Keys { current, previous, phase: e.phase }))
 }
 
 /// Version `v` of `e`'s key, from the cache or unwrapped into it.  Caller
@@ -465,8 +468,8 @@ pub fn find(f: &FileId) -> Found {
         let current = load_version(x, f, &e, &e.current, &kek);
         let previous = e.previous.as_ref().map(|p| load_version(x, f, &e, p, &kek));
         match (current, previous) {
-            (Some(current), None) => Found::Keys(Keys { current, previous: None }),
-            (Some(current), Some(Some(p))) => Found::Keys(Keys { current, previous: Some(p) }),
+            (Some(current), None) => Found::Keys(Keys { current, previous: None, phase: e.phase }),
+            (Some(current), Some(Some(p))) => Found::Keys(Keys { current, previous: Some(p), phase: e.phase }),
             _ => {
                 table().mark_bad(e.slot);
                 pgrx::warning!("tde: the key of relation file {f} does not unwrap (tampered key store?)");
@@ -483,6 +486,7 @@ pub fn entry(f: &FileId) -> Option<EntryInfo> {
         key_id: e.key_id,
         version: e.version(),
         previous: e.previous.map(|p| p.version),
+        phase: e.phase,
     })
 }
 
@@ -551,6 +555,16 @@ pub fn rotate(
     let old = e.current;
     // Replacing an entry in place cannot overflow the table.
     let _ = insert(x, &info, wrapped, Some((old.version, &old.wrapped)), tek);
+    table().set_phase(e.slot, e.phase);
+}
+
+/// Sets the phase of `f` (0 encrypted, 1 encrypting, 2 decrypting).
+/// Caller holds the lock exclusively.
+pub fn set_phase(_x: &Exclusive, f: &FileId, phase: u8) {
+    if let Some(e) = table().get(f) {
+        table().set_phase(e.slot, phase);
+        bump();
+    }
 }
 
 /// Retires the previous version of `f`'s key, if it is `version`.  Caller
@@ -569,6 +583,7 @@ pub fn retire(x: &Exclusive, f: &FileId, version: u32) {
     if let Some(c) = current.cache {
         table().set_cache(e.slot, current.version, c);
     }
+    table().set_phase(e.slot, e.phase);
     bump();
 }
 

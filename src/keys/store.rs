@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pgrx::pg_sys;
-use tde_core::keystore::{kek_aad, redo_step, Change, FileId, KeyEntry, KeyStore, Record, RedoStep};
+use tde_core::keystore::{kek_aad, redo_step, Change, FileId, KeyEntry, KeyStore, Phase, Record, RedoStep};
 use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::storefile::{self, AuthKey, Loaded};
@@ -87,10 +87,24 @@ fn wrapped_of(e: &KeyEntry) -> [u8; WRAPPED_TABLE_KEY_LEN] {
     decode_wrapped(&e.wrapped)
 }
 
-/// Puts an entry of the store, with its live versions, into the table.
+/// The table's encoding of a phase.
+pub fn phase_code(p: Phase) -> u8 {
+    match p {
+        Phase::Encrypted => 0,
+        Phase::Encrypting => 1,
+        Phase::Decrypting => 2,
+    }
+}
+
+/// Puts an entry of the store, with its live versions and phase, into the
+/// table.
 fn insert_entry(x: &Exclusive, e: &KeyEntry, tek: Option<&TableKey>) -> Result<(), shmem::TableFull> {
     let prev = e.previous.as_ref().map(|p| (p.version, decode_wrapped(&p.wrapped)));
-    shmem::insert(x, &info_of(e), &wrapped_of(e), prev.as_ref().map(|(v, w)| (*v, w)), tek)
+    shmem::insert(x, &info_of(e), &wrapped_of(e), prev.as_ref().map(|(v, w)| (*v, w)), tek)?;
+    if e.phase != Phase::Encrypted {
+        shmem::set_phase(x, &e.file, phase_code(e.phase));
+    }
+    Ok(())
 }
 
 /// Unwraps the KEK with the store's current master key.
@@ -451,6 +465,7 @@ fn apply_to_table(x: &Exclusive, change: &Change) {
         }
         Change::RetireKeyVersion { file, version, .. } => shmem::retire(x, file, *version),
         Change::DestroyKeyVersion { .. } => {} // retired versions are not in the table
+        Change::SetPhase { file, phase } => shmem::set_phase(x, file, phase_code(*phase)),
         Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_) | Change::Checkpoint { .. } => {}
     }
 }

@@ -1,6 +1,7 @@
 //! Online re-encryption: `tde_rotate_key(rel)` gives every file of a table a
 //! new key version and rewrites every page under it, while the table is in
-//! use.  Where a page gets *re*-encrypted.
+//! use; `tde_encrypt_table(rel)` and `tde_decrypt_table(rel)` turn a plain
+//! table encrypted, or back, the same way.  Where a page gets *re*-encrypted.
 //!
 //! How (../shared/DESIGN.md, "Online re-encryption"):
 //!
@@ -23,6 +24,13 @@
 //! A crash at any point loses nothing: both versions stay live until step 4,
 //! and calling `tde_rotate_key` again finishes the pass (a file already
 //! mid-rotation keeps its new version and is walked again).
+//!
+//! Encryption and decryption are the same pass with another step 2 and 4:
+//! the file gets a key in the *encrypting* phase (written encrypted, and
+//! unmarked pages -- not yet rewritten -- read as plain), or enters the
+//! *decrypting* phase (written plain, marked pages still decrypted); at the
+//! end the phase ends (or the key goes), and the table's access method
+//! becomes tde_heap (or heap), so that later rewrites keep the result.
 
 pub mod progress;
 mod worker;
@@ -92,8 +100,9 @@ fn relations_of(relid: pg_sys::Oid) -> Vec<pg_sys::Oid> {
 }
 
 /// Opens `relid` with ShareUpdateExclusiveLock (held to the end of the
-/// transaction) and returns its file, refusing relations tde cannot rotate.
-fn lock_file(relid: pg_sys::Oid) -> (FileId, bool) {
+/// transaction) and returns its file and whether it is WAL-logged, refusing
+/// relations a pass cannot work on (and plain ones if `need_encrypted`).
+fn lock_file(relid: pg_sys::Oid, need_encrypted: bool) -> (FileId, bool) {
     // SAFETY: relation_open raises an ERROR for a missing relation (a Rust
     // panic through pgrx's guard); rd_rel is the pg_class row.
     unsafe {
@@ -118,7 +127,7 @@ fn lock_file(relid: pg_sys::Oid) -> (FileId, bool) {
         if persistence == pg_sys::RELPERSISTENCE_TEMP {
             TdeError::Invalid(format!("\"{name}\" is a temporary table: its keys live only in its session")).raise();
         }
-        if !keys::is_encrypted(&loc, false) {
+        if need_encrypted && !keys::is_encrypted(&loc, false) {
             TdeError::Invalid(format!("\"{name}\" is not encrypted")).raise();
         }
         (keys::file_id(&loc), persistence == pg_sys::RELPERSISTENCE_PERMANENT)
@@ -184,50 +193,146 @@ fn rewrite_pages(relid: pg_sys::Oid, permanent: bool, slot: Option<usize>, throt
     }
 }
 
-/// Steps 1 and 2: locks every relation of the table and gives its files a
-/// new key version (or keeps the one of an interrupted rotation).
-fn begin(relid: pg_sys::Oid) -> (FileId, Vec<(pg_sys::Oid, FileId, bool)>) {
-    let (table_file, _) = lock_file(relid);
-    let rels: Vec<(pg_sys::Oid, FileId, bool)> = relations_of(relid)
+/// What a pass does to a table's files.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Pass {
+    /// tde_rotate_key: a new key version.
+    Rotate,
+    /// tde_encrypt_table: plain files become encrypted.
+    Encrypt,
+    /// tde_decrypt_table: encrypted files become plain.
+    Decrypt,
+}
+
+impl Pass {
+    fn code(self) -> u32 {
+        self as u32
+    }
+
+    fn from_code(c: u32) -> Option<Pass> {
+        [Pass::Rotate, Pass::Encrypt, Pass::Decrypt].into_iter().find(|p| p.code() == c)
+    }
+}
+
+type Rels = Vec<(pg_sys::Oid, FileId, bool)>;
+
+/// Steps 1 and 2: locks every relation of the table and sets up its files
+/// for the pass: a new key version (rotation), a key in the encrypting phase
+/// (encryption), the decrypting phase (decryption).  Each is kept as it is
+/// when an interrupted pass of the same kind left it.
+fn begin(relid: pg_sys::Oid, pass: Pass) -> (FileId, Rels) {
+    if pass == Pass::Decrypt && crate::gucs::ENFORCE_ENCRYPTION.get() {
+        TdeError::Enforced(format!("tde_decrypt_table would store {} unencrypted", relname(relid))).raise();
+    }
+    let need_encrypted = pass != Pass::Encrypt;
+    let (table_file, _) = lock_file(relid, need_encrypted);
+    let rels: Rels = relations_of(relid)
         .into_iter()
         .map(|oid| {
-            let (file, permanent) = lock_file(oid);
+            let (file, permanent) = lock_file(oid, need_encrypted);
             (oid, file, permanent)
         })
         .collect();
     let files: Vec<FileId> = rels.iter().map(|r| r.1).collect();
-    keys::begin_rotation(&files).or_raise();
+    match pass {
+        Pass::Rotate => keys::begin_rotation(&files),
+        Pass::Encrypt => keys::begin_encryption(&files),
+        Pass::Decrypt => keys::set_phase(&files, tde_core::keystore::Phase::Decrypting),
+    }
+    .or_raise();
     (table_file, rels)
 }
 
-/// tde_rotate_key(rel): steps 1 to 4 above; returns the table's new key
-/// version.
-pub fn rotate(relid: pg_sys::Oid, throttle: Throttle) -> u32 {
-    let (table_file, rels) = begin(relid);
-    let targets: Vec<(pg_sys::Oid, u32)> =
-        rels.iter().map(|(oid, file, _)| (*oid, keys::current_version(file).unwrap_or(0))).collect();
+/// Steps 3 and 4: rewrites every page, then, after a checkpoint, ends the
+/// pass (retire the previous version; leave the encrypting phase; drop
+/// the keys) and, for encryption and decryption, switches the access
+/// method.
+fn run(relid: pg_sys::Oid, pass: Pass, throttle: Throttle) -> u32 {
+    let (table_file, rels) = begin(relid, pass);
+    let targets: Vec<(pg_sys::Oid, u32)> = rels
+        .iter()
+        .map(|(oid, file, _)| (*oid, if pass == Pass::Decrypt { 0 } else { keys::current_version(file).unwrap_or(0) }))
+        .collect();
     // SAFETY: plain read of a process global.
     let slots = progress::begin(unsafe { pg_sys::MyDatabaseId }, relid, &targets);
     let mut budget = 0;
     for (n, (oid, _, permanent)) in rels.iter().enumerate() {
         rewrite_pages(*oid, *permanent, slots.slot(n), throttle, &mut budget);
     }
-    // Every page is dirty under the new version or written with it: a
-    // checkpoint makes that durable, then no page uses the previous one.
+    // Every page is dirty in its new form or written so: a checkpoint makes
+    // that durable, then no page is in the old form any more.
     crate::pg::request_checkpoint_and_wait();
     let files: Vec<FileId> = rels.iter().map(|r| r.1).collect();
-    keys::finish_rotation(&files).or_raise();
+    match pass {
+        Pass::Rotate => keys::finish_rotation(&files),
+        Pass::Encrypt => keys::set_phase(&files, tde_core::keystore::Phase::Encrypted),
+        Pass::Decrypt => keys::remove_keys(&files),
+    }
+    .or_raise();
+    match pass {
+        Pass::Rotate => {}
+        Pass::Encrypt => set_access_method(relid, crate::am::tde_heap_oid().unwrap_or(pg_sys::InvalidOid)),
+        Pass::Decrypt => set_access_method(relid, pg_sys::HEAP_TABLE_AM_OID),
+    }
     drop(slots);
     keys::current_version(&table_file).unwrap_or(0)
 }
 
-/// tde_rotate_key(rel, background => true): steps 1 and 2 here, so the new
-/// version is known and returned at once; a background worker does the
-/// pass (it takes the locks again once this transaction ends).
-pub fn rotate_in_background(relid: pg_sys::Oid) -> u32 {
-    let (table_file, _) = begin(relid);
-    worker::launch(relid, Throttle::from_gucs());
+/// Makes the table (and its TOAST table) use access method `am`, so that
+/// later rewrites stay encrypted (tde_heap) or plain (heap).  A catalog
+/// update as the bootstrap superuser: tde_admin may run the pass without
+/// the right to write pg_class.
+fn set_access_method(relid: pg_sys::Oid, am: pg_sys::Oid) {
+    if am == pg_sys::InvalidOid {
+        TdeError::Internal("access method tde_heap is missing".into()).raise();
+    }
+    let sql = format!(
+        "UPDATE pg_catalog.pg_class SET relam = {am} WHERE oid = {rel} OR oid = (SELECT reltoastrelid FROM pg_catalog.pg_class WHERE oid = {rel})",
+        am = u32::from(am),
+        rel = u32::from(relid)
+    );
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: switches to the bootstrap superuser for one catalog update,
+    // as PostgreSQL's own maintenance code does; an ERROR aborts the
+    // transaction, which restores the user and security context.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::BOOTSTRAP_SUPERUSERID.into(),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    pgrx::spi::Spi::run(&sql)
+        .unwrap_or_else(|e| TdeError::Internal(format!("could not switch the access method: {e}")).raise());
+    // SAFETY: restores what GetUserIdAndSecContext returned.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+}
+
+/// tde_rotate_key(rel): returns the table's new key version.
+pub fn rotate(relid: pg_sys::Oid, throttle: Throttle) -> u32 {
+    run(relid, Pass::Rotate, throttle)
+}
+
+/// tde_encrypt_table(rel) / tde_decrypt_table(rel), synchronously.
+pub fn encrypt(relid: pg_sys::Oid, pass: Pass, throttle: Throttle) {
+    run(relid, pass, throttle);
+}
+
+/// Any pass in the background: steps 1 and 2 here, so what the pass does
+/// is decided (and the new version known, returned at once); a background
+/// worker does the rest (it takes the locks again once this transaction
+/// ends).
+pub fn in_background(relid: pg_sys::Oid, pass: Pass) -> u32 {
+    let (table_file, _) = begin(relid, pass);
+    worker::launch(relid, pass, Throttle::from_gucs());
     keys::current_version(&table_file).unwrap_or(0)
+}
+
+/// What a background worker runs.
+fn run_in_worker(relid: pg_sys::Oid, pass_code: u32, throttle: Throttle) -> u32 {
+    let pass = Pass::from_code(pass_code)
+        .unwrap_or_else(|| TdeError::Internal(format!("unknown re-encryption pass {pass_code}")).raise());
+    run(relid, pass, throttle)
 }
 
 /// tde_reencrypt_pause(rel) / tde_reencrypt_resume(rel).

@@ -9,16 +9,23 @@
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
 use pgrx::pg_sys;
 
-use super::Throttle;
+use super::{Pass, Throttle};
 use crate::error::TdeError;
 
 /// Starts a worker for a pass over `relid`; an ERROR if none can start
 /// (max_worker_processes).
-pub fn launch(relid: pg_sys::Oid, throttle: Throttle) {
+pub fn launch(relid: pg_sys::Oid, pass: Pass, throttle: Throttle) {
     // SAFETY: plain reads of process globals.
     let (db, user) = unsafe { (pg_sys::MyDatabaseId, pg_sys::GetUserId()) };
-    let extra =
-        format!("{} {} {} {} {}", u32::from(db), u32::from(relid), u32::from(user), throttle.delay_ms, throttle.limit);
+    let extra = format!(
+        "{} {} {} {} {} {}",
+        u32::from(db),
+        u32::from(relid),
+        u32::from(user),
+        throttle.delay_ms,
+        throttle.limit,
+        pass.code()
+    );
     let started = BackgroundWorkerBuilder::new("tde re-encryption")
         .set_type("tde re-encryption")
         .set_library("tde")
@@ -30,7 +37,7 @@ pub fn launch(relid: pg_sys::Oid, throttle: Throttle) {
         .load_dynamic();
     if started.is_err() {
         TdeError::Internal(
-            "could not start a background worker for the re-encryption (max_worker_processes?); the key version is set, call tde_rotate_key again to do the pass".into(),
+            "could not start a background worker for the re-encryption (max_worker_processes?); the pass is set up, call the function again without background to do it".into(),
         )
         .raise();
     }
@@ -41,7 +48,7 @@ pub fn launch(relid: pg_sys::Oid, throttle: Throttle) {
 #[no_mangle]
 pub extern "C-unwind" fn tde_reencrypt_worker_main(_arg: pg_sys::Datum) {
     let nums: Vec<u32> = BackgroundWorker::get_extra().split(' ').filter_map(|n| n.parse().ok()).collect();
-    let [db, rel, user, delay_ms, limit] = nums[..] else {
+    let [db, rel, user, delay_ms, limit, pass] = nums[..] else {
         TdeError::Internal("malformed re-encryption worker arguments".into()).raise()
     };
     // SAFETY: the default signal handlers (SIGTERM ends the worker at the
@@ -50,7 +57,7 @@ pub extern "C-unwind" fn tde_reencrypt_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db.into()), Some(user.into()));
     let throttle = Throttle { delay_ms, limit: limit.max(1) };
     BackgroundWorker::transaction(move || {
-        let version = super::rotate(rel.into(), throttle);
-        pgrx::log!("tde: background re-encryption of relation {rel} finished at key version {version}");
+        let version = super::run_in_worker(rel.into(), pass, throttle);
+        pgrx::log!("tde: background pass {pass} over relation {rel} finished (key version {version})");
     });
 }

@@ -112,7 +112,13 @@ fn encrypt_into_bounce(
     let mut ptrs = [std::ptr::null::<c_void>(); BOUNCE_PAGES];
     let kind = BOUNCE.with(|b| {
         let mut bounce = b.borrow_mut();
-        keys::local::with_cipher(&t.file, t.temp, |cipher| {
+        let mut plain = false;
+        let kind = keys::local::with_cipher(&t.file, t.temp, |cipher| {
+            if cipher.write_plain {
+                // tde_decrypt_table is running: pages go out plain.
+                plain = true;
+                return;
+            }
             // Only encrypted files need it: a process that writes plain
             // relations only never allocates it.
             if bounce.is_empty() {
@@ -124,7 +130,12 @@ fn encrypt_into_bounce(
                 page::encrypt(cipher, t.file.rel, fork, first + i as u32, src, &mut bounce[i].0);
                 ptrs[i] = bounce[i].0.as_ptr() as *const c_void;
             }
-        })
+        });
+        if plain {
+            Kind::Plain
+        } else {
+            kind
+        }
     });
     (kind, ptrs)
 }
@@ -187,6 +198,13 @@ unsafe extern "C-unwind" fn tde_readv(
         Kind::Plain => {
             for i in 0..nblocks as usize {
                 if page::is_marked(page_at(i)) {
+                    // As for a key version that is not live: the FSM is a
+                    // hint PostgreSQL zeroes when bad (a standby may keep
+                    // FSM pages that tde_decrypt_table never rewrote).
+                    if forknum == pg_sys::ForkNumber::FSM_FORKNUM {
+                        page_at(i).fill(0);
+                        continue;
+                    }
                     marked_without_key(&t, forknum, blocknum + i as u32);
                 }
             }

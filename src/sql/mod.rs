@@ -101,9 +101,39 @@ fn tde_keys() -> TableIterator<
 )]
 fn tde_rotate_key(rel: pg_sys::Oid, background: bool) -> i32 {
     if background {
-        crate::reencrypt::rotate_in_background(rel) as i32
+        crate::reencrypt::in_background(rel, crate::reencrypt::Pass::Rotate) as i32
     } else {
         crate::reencrypt::rotate(rel, crate::reencrypt::Throttle::from_gucs()) as i32
+    }
+}
+
+/// Encrypts a plain table online: every file (heap, TOAST, indexes, owned
+/// sequences) gets a key, every page is rewritten encrypted while the table
+/// stays in use, and the table then uses tde_heap, so later rewrites stay
+/// encrypted.
+#[pg_extern(
+    volatile,
+    sql = "CREATE FUNCTION tde_encrypt_table(rel regclass, background boolean DEFAULT false) RETURNS void STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_encrypt_table(rel: pg_sys::Oid, background: bool) {
+    pass(rel, crate::reencrypt::Pass::Encrypt, background)
+}
+
+/// Decrypts an encrypted table online (the reverse of tde_encrypt_table);
+/// refused while tde.enforce_encryption is on.
+#[pg_extern(
+    volatile,
+    sql = "CREATE FUNCTION tde_decrypt_table(rel regclass, background boolean DEFAULT false) RETURNS void STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';"
+)]
+fn tde_decrypt_table(rel: pg_sys::Oid, background: bool) {
+    pass(rel, crate::reencrypt::Pass::Decrypt, background)
+}
+
+fn pass(rel: pg_sys::Oid, pass: crate::reencrypt::Pass, background: bool) {
+    if background {
+        crate::reencrypt::in_background(rel, pass);
+    } else {
+        crate::reencrypt::encrypt(rel, pass, crate::reencrypt::Throttle::from_gucs());
     }
 }
 

@@ -148,6 +148,7 @@ unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::X
                 Change::RotateKey { file, version, .. } => format!("rotate key of {file} to version {version}"),
                 Change::RetireKeyVersion { file, version, .. } => format!("retire key version {version} of {file}"),
                 Change::DestroyKeyVersion { file, version, .. } => format!("destroy key version {version} of {file}"),
+                Change::SetPhase { file, phase } => format!("{file} is now {phase:?}"),
                 Change::Checkpoint { .. } => "checkpoint".to_string(),
             };
             format!("generation {}: {what}", rec.generation)

@@ -57,6 +57,27 @@ pub struct Principal {
     pub wrapped_kek: String,
 }
 
+/// Where a file stands between plain and encrypted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Every page is encrypted (or all zeros).
+    #[default]
+    Encrypted,
+    /// tde_encrypt_table is running: pages are written encrypted, and pages
+    /// not yet rewritten are read as plain (unmarked pages are legal).
+    Encrypting,
+    /// tde_decrypt_table is running: pages are written plain, and pages not
+    /// yet rewritten are decrypted (marked pages are read with the key).
+    Decrypting,
+}
+
+impl Phase {
+    pub fn is_encrypted(&self) -> bool {
+        *self == Phase::Encrypted
+    }
+}
+
 /// One table key, wrapped by the KEK: its current version, and the versions
 /// before it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,6 +98,9 @@ pub struct KeyEntry {
     /// archived WAL.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<OldVersion>,
+    /// Between plain and encrypted (tde_encrypt_table, tde_decrypt_table).
+    #[serde(default, skip_serializing_if = "Phase::is_encrypted")]
+    pub phase: Phase,
 }
 
 /// An earlier version of a table key.
@@ -140,6 +164,12 @@ pub enum Change {
         file: FileId,
         version: u32,
         retired_at: i64,
+    },
+    /// A file enters or leaves a phase of tde_encrypt_table /
+    /// tde_decrypt_table.
+    SetPhase {
+        file: FileId,
+        phase: Phase,
     },
     /// A retired version is destroyed (tde_destroy_retired_keys): its
     /// wrapped bytes are erased, the record of it stays.
@@ -278,6 +308,9 @@ impl KeyStore {
                 e.created = *created;
                 e.wrapped = wrapped.clone();
             }
+            Change::SetPhase { file, phase } => {
+                self.keys.get_mut(file).ok_or(StoreError::NoSuchKey(*file))?.phase = *phase;
+            }
             Change::DestroyKeyVersion { file, version, destroyed_at } => {
                 if let Some(e) = self.keys.get_mut(file) {
                     if let Some(old) = e.retired.iter_mut().find(|o| o.version == *version && o.destroyed_at.is_none())
@@ -366,6 +399,7 @@ mod tests {
             wrapped: "AAAA".into(),
             previous: None,
             retired: Vec::new(),
+            phase: Phase::Encrypted,
         }))
         .unwrap();
         ks

@@ -49,7 +49,9 @@ pub struct Slot {
     state: u8,
     /// The wrapped key failed to unwrap (tampered or foreign entry).
     bad: u8,
-    _pad: [u8; 2],
+    /// 0: encrypted; 1: encrypting; 2: decrypting (keystore::Phase).
+    phase: u8,
+    _pad: [u8; 1],
     /// 1 + index of the cache slot that last held this key (0: none).  Only
     /// a hint: the cache slot says whose key it holds.
     cache: u32,
@@ -69,7 +71,8 @@ impl Slot {
     pub const FREE: Slot = Slot {
         state: FREE,
         bad: 0,
-        _pad: [0; 2],
+        phase: 0,
+        _pad: [0; 1],
         cache: 0,
         file: [0; 3],
         version: 0,
@@ -113,6 +116,8 @@ pub struct Entry {
     pub key_id: u64,
     pub created: i64,
     pub bad: bool,
+    /// 0: encrypted; 1: encrypting; 2: decrypting.
+    pub phase: u8,
     pub current: Version,
     /// The previous version, while a rotation is in progress.
     pub previous: Option<Version>,
@@ -190,6 +195,7 @@ impl<'a> KeyTable<'a> {
             key_id: s.key_id,
             created: s.created,
             bad: s.bad != 0,
+            phase: s.phase,
             current: Version { version: s.version, cache: s.cache.checked_sub(1), wrapped: s.wrapped },
             previous: (s.prev_version != 0).then(|| Version {
                 version: s.prev_version,
@@ -208,6 +214,12 @@ impl<'a> KeyTable<'a> {
         } else if s.prev_version == version {
             s.prev_cache = cache + 1;
         }
+    }
+
+    /// Sets the phase of table slot `slot` (0 encrypted, 1 encrypting, 2
+    /// decrypting); `insert` resets it to 0.
+    pub fn set_phase(&mut self, slot: usize, phase: u8) {
+        self.slots[slot].phase = phase;
     }
 
     /// Marks the key of table slot `slot` as failing to unwrap.
@@ -242,6 +254,7 @@ impl<'a> KeyTable<'a> {
         let s = &mut self.slots[idx];
         s.state = USED;
         s.bad = 0;
+        s.phase = 0;
         s.cache = 0;
         s.file = [info.file.spc, info.file.db, info.file.rel];
         s.key_id = info.key_id;
@@ -491,7 +504,9 @@ mod tests {
         let e = t.get(&info(1).file).unwrap();
         assert_eq!((e.current.cache, e.previous.unwrap().cache), (Some(6), Some(5)));
         t.set_cache(e.slot, 7, 9); // no such version: ignored
-                                   // Retiring: the entry again with one version.
+        t.set_phase(e.slot, 2);
+        assert_eq!(t.get(&info(1).file).unwrap().phase, 2);
+        // Retiring: the entry again with one version.
         t.insert(&v2, &wrapped(2), None).unwrap();
         let e = t.get(&info(1).file).unwrap();
         assert!(e.previous.is_none());

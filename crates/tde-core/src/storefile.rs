@@ -412,7 +412,7 @@ mod libc_flags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keystore::{FileId, KeyEntry, Principal, ProviderEntry, ALGORITHM_XTS};
+    use crate::keystore::{FileId, KeyEntry, Phase, Principal, ProviderEntry, ALGORITHM_XTS};
 
     fn kek() -> WrapKey {
         WrapKey::from_bytes(&[7u8; 32]).unwrap()
@@ -428,6 +428,7 @@ mod tests {
             wrapped: "AAAA".into(),
             previous: None,
             retired: Vec::new(),
+            phase: Phase::Encrypted,
         }
     }
 
