@@ -60,6 +60,7 @@ SELECT p.table_oid::regclass AS "table",
 
 REVOKE ALL ON FUNCTION tde_add_key_provider(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_set_master_key(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_rotate_master_key() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_is_encrypted(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_keys() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_store_state() FROM PUBLIC;

@@ -416,6 +416,58 @@ pub fn forget_database(db: u32) {
     }
 }
 
+/// The next key name of a master-key rotation: `name-r<unix seconds>`,
+/// replacing an earlier such suffix.
+fn rotated_name(name: &str) -> String {
+    let base = match name.rsplit_once("-r") {
+        Some((b, ts)) if !ts.is_empty() && ts.bytes().all(|c| c.is_ascii_digit()) => b,
+        _ => name,
+    };
+    let mut candidate = format!("{base}-r{}", now());
+    if candidate == name {
+        candidate.push('b');
+    }
+    candidate
+}
+
+/// tde_rotate_master_key(): a new master key in the current provider (the
+/// file provider creates it), a new KEK wrapped by it, and every table key
+/// version re-wrapped under the new KEK, locally -- two provider calls,
+/// however many tables.  Atomic: one WAL record and one new key store file.
+/// Returns the new master key's name.
+pub fn rotate_master_key() -> Result<String, TdeError> {
+    let mut new_name = String::new();
+    store::rekey(|ks| {
+        let p = ks.principal.clone().ok_or(TdeError::NoMasterKey)?;
+        let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
+        let prov = provider::from_config(&entry.kind, &entry.options)?;
+        let old_kek = shmem::kek().ok_or_else(|| TdeError::Locked(shmem::state().1))?;
+        let new_kek = WrapKey::generate().map_err(|_| TdeError::Crypto)?;
+        let name = rotated_name(&p.key_name);
+        prov.ensure_key(&name)?;
+        let wrapped_kek = prov.wrap(&name, &new_kek, &kek_aad(&ks.store_id, &p.provider, &name))?;
+        let mut keys = Vec::new();
+        for e in ks.keys.values() {
+            let versions = std::iter::once((e.version, &e.wrapped))
+                .chain(e.previous.iter().map(|o| (o.version, &o.wrapped)))
+                .chain(e.retired.iter().filter(|o| o.destroyed_at.is_none()).map(|o| (o.version, &o.wrapped)));
+            for (version, wrapped) in versions {
+                let aad = tek_aad(&ks.store_id, &e.file, e.key_id, version);
+                let blob = B64.decode(wrapped).map_err(|_| TdeError::Invalid("wrapped key is not base64".into()))?;
+                let tek = tde_core::wrap::unwrap_table_key(&old_kek, &blob, &aad).map_err(|_| {
+                    TdeError::Locked(format!("the key version {version} of relation file {} does not unwrap", e.file))
+                })?;
+                let rewrapped = wrap_table_key(&new_kek, &tek, &aad).map_err(|_| TdeError::Crypto)?;
+                keys.push(tde_core::keystore::Rewrapped { file: e.file, version, wrapped: B64.encode(rewrapped) });
+            }
+        }
+        new_name = name.clone();
+        let principal = Principal { provider: p.provider, key_name: name, wrapped_kek: B64.encode(wrapped_kek) };
+        Ok((Change::Rekey { principal, keys }, new_kek))
+    })?;
+    Ok(new_name)
+}
+
 /// tde_add_key_provider(): validates and records a provider.
 pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Result<(), TdeError> {
     if name.is_empty() || name.len() > 63 {

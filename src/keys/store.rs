@@ -357,6 +357,66 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
     })
 }
 
+/// Master-key rotation: one change that replaces the KEK, made durable as a
+/// new snapshot authenticated under the new KEK (frames keyed with the old
+/// one cannot follow it).  `build` sees the whole current store (queued
+/// frames appended first) and returns the change and the new KEK.
+pub fn rekey(build: impl FnOnce(&KeyStore) -> Result<(Change, WrapKey), TdeError>) -> Result<(), TdeError> {
+    // SAFETY: plain call.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Err(TdeError::InRecovery);
+    }
+    shmem::with_store_lock(|s| {
+        let mut m = shmem::meta(s);
+        if !m.exists || !m.has_principal {
+            return Err(TdeError::NoMasterKey);
+        }
+        drain(s, &mut m)?;
+        shmem::set_meta(s, &m);
+        let ks = authenticated_state(&m)?;
+        let (change, new_kek) = build(&ks)?;
+        let rec = Record { generation: m.generation + 1, change };
+        let _delay = DelayCheckpoint::start();
+        let lsn = wal::log_records(std::slice::from_ref(&rec));
+        flush_wal(lsn);
+        if let Err(e) = write_rekeyed(s, ks, &rec, &new_kek) {
+            e.raise_at(pgrx::PgLogLevel::PANIC);
+        }
+        Ok(())
+    })
+}
+
+/// The store as the file holds it, authenticated with the current key.
+fn authenticated_state(m: &StoreMeta) -> Result<KeyStore, TdeError> {
+    let p = path();
+    let bytes = storefile::read(&p)?.ok_or_else(|| TdeError::Internal("the key store file disappeared".into()))?;
+    let loaded = storefile::parse(&bytes, &p)?;
+    if m.has_principal {
+        let a = shmem::auth_key().ok_or_else(|| TdeError::Locked(shmem::state().1))?;
+        loaded.authenticate(&a, &p)?;
+    }
+    Ok(loaded.state)
+}
+
+/// Applies a Rekey record to `ks`, writes the result as the new file (a
+/// snapshot under the new KEK's authentication key) and puts the new KEK
+/// and wrapped keys in shared memory.
+fn write_rekeyed(s: &StoreLock, mut ks: KeyStore, rec: &Record, new_kek: &WrapKey) -> Result<(), TdeError> {
+    ks.apply(&rec.change)?;
+    ks.generation = rec.generation;
+    let (bytes, _) = storefile::encode_snapshot(&ks, Some(&AuthKey::derive(new_kek, &ks.store_id)));
+    storefile::replace(&path(), &bytes)?;
+    shmem::set_meta(s, &meta_of(&storefile::parse(&bytes, &path())?));
+    shmem::with_exclusive(|x| {
+        shmem::set_unlocked(x, new_kek, &ks.store_id);
+        for e in ks.keys.values() {
+            // Replacing entries in place cannot overflow the table.
+            let _ = insert_entry(x, e, None);
+        }
+    });
+    Ok(())
+}
+
 /// Holds checkpoints off while set (PostgreSQL's DELAY_CHKPT_START, as used
 /// for changes made outside shared buffers); cleared on drop, also when an
 /// ERROR unwinds through.
@@ -466,6 +526,7 @@ fn apply_to_table(x: &Exclusive, change: &Change) {
         Change::RetireKeyVersion { file, version, .. } => shmem::retire(x, file, *version),
         Change::DestroyKeyVersion { .. } => {} // retired versions are not in the table
         Change::SetPhase { file, phase } => shmem::set_phase(x, file, phase_code(*phase)),
+        Change::Rekey { .. } => {} // written by rekey / redo_rekey
         Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_) | Change::Checkpoint { .. } => {}
     }
 }
@@ -604,6 +665,9 @@ pub fn redo(rec: &Record) {
 }
 
 fn redo_apply(s: &StoreLock, m: StoreMeta, rec: &Record, change: &Change) {
+    if let Change::Rekey { principal, .. } = change {
+        return redo_rekey(s, m, rec, principal);
+    }
     // A first master key on a standby: unwrap its KEK here, with this
     // server's provider configuration (the same keyring or variable).
     let mut new_kek = None;
@@ -642,6 +706,27 @@ fn redo_apply(s: &StoreLock, m: StoreMeta, rec: &Record, change: &Change) {
         (Change::SetPrincipal(_), Some(kek)) => shmem::set_unlocked(x, kek, &m.store_id()),
         _ => apply_to_table(x, change),
     });
+}
+
+/// Redo of a master-key rotation: this server unwraps the new KEK with its
+/// own provider configuration (the standby needs the new master key now)
+/// and rewrites its file as the primary did.
+fn redo_rekey(s: &StoreLock, m: StoreMeta, rec: &Record, principal: &tde_core::keystore::Principal) {
+    let mut ks = match authenticated_state(&m) {
+        Ok(ks) => ks,
+        Err(e) => refuse_store(format!("cannot replay a master-key rotation: {e}")),
+    };
+    let mut probe = ks.clone();
+    probe.principal = Some(principal.clone());
+    let new_kek = unlock(&probe).unwrap_or_else(|e| {
+        refuse_store(format!(
+            "cannot replay a master-key rotation: the new master key is not available on this server (give it the new key and start it again): {e}"
+        ))
+    });
+    ks.generation = m.generation;
+    if let Err(e) = write_rekeyed(s, ks, rec, &new_kek) {
+        e.raise();
+    }
 }
 
 /// Removes the keys of dropped files with one append.  Runs after commit

@@ -29,6 +29,15 @@ fn tde_set_master_key(provider: &str, key_name: &str) {
     keys::set_master_key(provider, key_name).or_raise()
 }
 
+/// Moves to a new master key of the current provider (the file provider
+/// creates it in its keyring), with a new key-encryption key under which
+/// every table key is re-wrapped; data pages are not touched.  Returns the
+/// new master key's name.
+#[pg_extern(volatile)]
+fn tde_rotate_master_key() -> String {
+    keys::rotate_master_key().or_raise()
+}
+
 /// Whether the relation's data is encrypted.  Relations without storage
 /// (partitioned tables) report whether they use tde_heap.
 #[pg_extern(

@@ -165,6 +165,12 @@ pub enum Change {
         version: u32,
         retired_at: i64,
     },
+    /// Master-key rotation (tde_rotate_master_key): a new master key wraps a
+    /// new KEK, and every table key version is re-wrapped under it.
+    Rekey {
+        principal: Principal,
+        keys: Vec<Rewrapped>,
+    },
     /// A file enters or leaves a phase of tde_encrypt_table /
     /// tde_decrypt_table.
     SetPhase {
@@ -183,6 +189,14 @@ pub enum Change {
     Checkpoint {
         store_id: String,
     },
+}
+
+/// A table key version re-wrapped under a new KEK.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rewrapped {
+    pub file: FileId,
+    pub version: u32,
+    pub wrapped: String,
 }
 
 /// One WAL record of the tde resource manager: a change, and the store
@@ -307,6 +321,21 @@ impl KeyStore {
                 e.version = *version;
                 e.created = *created;
                 e.wrapped = wrapped.clone();
+            }
+            Change::Rekey { principal, keys } => {
+                self.principal = Some(principal.clone());
+                for r in keys {
+                    let Some(e) = self.keys.get_mut(&r.file) else { continue };
+                    if e.version == r.version {
+                        e.wrapped = r.wrapped.clone();
+                    } else if let Some(p) = e.previous.as_mut().filter(|p| p.version == r.version) {
+                        p.wrapped = r.wrapped.clone();
+                    } else if let Some(o) =
+                        e.retired.iter_mut().find(|o| o.version == r.version && o.destroyed_at.is_none())
+                    {
+                        o.wrapped = r.wrapped.clone();
+                    }
+                }
             }
             Change::SetPhase { file, phase } => {
                 self.keys.get_mut(file).ok_or(StoreError::NoSuchKey(*file))?.phase = *phase;
