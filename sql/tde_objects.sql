@@ -7,19 +7,25 @@ CREATE ACCESS METHOD tde_heap TYPE TABLE HANDLER tde_heap_handler;
 COMMENT ON ACCESS METHOD tde_heap IS 'heap with every page encrypted (AES-256-XTS, per-table keys)';
 
 -- One row per encrypted relation file of the current database (plus shared
--- relations), with the relation it belongs to.
+-- relations), with the relation it belongs to, its current key version, and
+-- the state of a re-encryption pass working on it, if any.
 CREATE VIEW tde_status AS
-SELECT pg_filenode_relation(
-           CASE WHEN k.spcoid = d.dattablespace THEN 0 ELSE k.spcoid END,
-           k.relfilenode) AS relation,
-       k.key_id,
-       k.key_version,
-       k.algorithm,
-       k.created,
-       k.usable
-  FROM tde_keys() k
-  JOIN pg_database d ON d.datname = current_database()
- WHERE k.dboid = d.oid OR k.dboid = 0;
+SELECT s.relation,
+       s.key_id,
+       s.key_version,
+       s.algorithm,
+       s.created,
+       s.usable,
+       -- waiting, running or paused while a re-encryption pass works on it
+       (SELECT p.state FROM tde_reencryption_progress_rows() p
+         WHERE p.relation_oid = s.relation::oid LIMIT 1) AS reencryption
+  FROM (SELECT pg_filenode_relation(
+                   CASE WHEN k.spcoid = d.dattablespace THEN 0 ELSE k.spcoid END,
+                   k.relfilenode) AS relation,
+               k.*
+          FROM tde_keys() k
+          JOIN pg_database d ON d.datname = current_database()
+         WHERE k.dboid = d.oid OR k.dboid = 0) s;
 
 -- The key inventory: one row per key version of every encrypted relation
 -- file, with its state (active, retired, destroyed), the master key that

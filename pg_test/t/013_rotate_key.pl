@@ -159,6 +159,8 @@ my ($done1) = $row =~ / (\d+) \d+$/;
 sleep 1;
 my ($done2) = $node->safe_psql('postgres', $progress) =~ / (\d+) \d+$/;
 is($done2, $done1, "no page is rewritten while paused ($done1 of $total)");
+is($node->safe_psql('postgres', "SELECT reencryption FROM tde_status WHERE relation = 'big'::regclass"), 'paused',
+	'tde_status shows the re-encryption state');
 $node->safe_psql('postgres', q{INSERT INTO big VALUES (200001, 'BIG-SECRET-during-pause')});
 is($node->safe_psql('postgres', "SELECT count(*) FROM big"), '150001', 'the table is read and written while paused');
 $node->safe_psql('postgres', "SELECT tde_reencrypt_resume('big')");
