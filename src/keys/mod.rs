@@ -85,6 +85,14 @@ fn wrap_entry(store_id: &str, kek: &WrapKey, file: FileId, key_id: u64, keys: &N
 
 type NewKeys = shmem::Keys;
 
+/// The KEK, or why there is none (locked, or no master key yet).
+fn current_kek() -> Result<WrapKey, TdeError> {
+    shmem::kek().ok_or_else(|| match shmem::state() {
+        (shmem::StoreState::Locked, why) => TdeError::Locked(why),
+        _ => TdeError::NoMasterKey,
+    })
+}
+
 /// Gives the relation file `loc` a new random key.  Called before the file
 /// is created, so no page of it is ever written in plaintext.
 pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), TdeError> {
@@ -111,10 +119,7 @@ fn install_keys(keys: Vec<(FileId, NewKeys)>) -> Result<(), TdeError> {
         return Ok(());
     }
     store::commit(|ks| {
-        let kek = shmem::kek().ok_or_else(|| match shmem::state() {
-            (shmem::StoreState::Locked, why) => TdeError::Locked(why),
-            _ => TdeError::NoMasterKey,
-        })?;
+        let kek = current_kek()?;
         keys.into_iter()
             .zip(ks.next_key_id..)
             .map(|((file, keys), key_id)| {
@@ -136,10 +141,7 @@ fn install_keys(keys: Vec<(FileId, NewKeys)>) -> Result<(), TdeError> {
 /// follows finishes it).
 pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
     store::commit(|view| {
-        let kek = shmem::kek().ok_or_else(|| match shmem::state() {
-            (shmem::StoreState::Locked, why) => TdeError::Locked(why),
-            _ => TdeError::NoMasterKey,
-        })?;
+        let kek = current_kek()?;
         let mut changes = Vec::new();
         for file in files {
             let e = shmem::entry(file).ok_or(TdeError::Store(tde_core::keystore::StoreError::NoSuchKey(*file)))?;
@@ -161,10 +163,7 @@ pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
 /// encrypting.  One key store change.
 pub fn begin_encryption(files: &[FileId]) -> Result<(), TdeError> {
     store::commit(|view| {
-        let kek = shmem::kek().ok_or_else(|| match shmem::state() {
-            (shmem::StoreState::Locked, why) => TdeError::Locked(why),
-            _ => TdeError::NoMasterKey,
-        })?;
+        let kek = current_kek()?;
         let mut changes = Vec::new();
         let mut key_id = view.next_key_id;
         for file in files {
