@@ -11,13 +11,14 @@ use strict;
 use warnings FATAL => 'all';
 use Exporter 'import';
 use File::Find;
+use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Digest::SHA qw(sha256 hmac_sha256);
 use JSON::PP;
 
 our @EXPORT = qw(new_node configure_keys files_containing restart_after_kill9
-  keystore_frames keystore_key_rels keystore_write_unkeyed relation_files page_marks);
+  keystore_frames keystore_key_rels keystore_write_unkeyed relation_files page_marks start_load);
 
 sub new_node
 {
@@ -86,6 +87,23 @@ sub restart_after_kill9
 		sleep 1;
 	}
 	die "could not restart " . $node->name . " after kill9";
+}
+
+# start_load(NODE, SECONDS, SCRIPT): pgbench with 2 clients running the
+# custom SCRIPT for SECONDS in the background.  Returns the IPC::Run handle
+# and references to its stdout and stderr; call ->finish on the handle.
+sub start_load
+{
+	my ($n, $secs, $body) = @_;
+	my $script = $n->basedir . '/load.sql';
+	open(my $fh, '>', $script) or die "$script: $!";
+	print $fh $body;
+	close $fh;
+	my ($out, $err) = ('', '');
+	my $h = IPC::Run::start(
+		[ 'pgbench', '-n', '-c', '2', '-T', $secs, '-f', $script, '-p', $n->port, '-h', $n->host, 'postgres' ],
+		'>', \$out, '2>', \$err);
+	return ($h, \$out, \$err);
 }
 
 # ---- Raw pages ----------------------------------------------------------------

@@ -49,27 +49,20 @@ my $before = page_marks(@files);
 ok($before->[0] == 0 && $before->[1] > 0 && $before->[2] == 0, "before: every page under version 1 (@$before)");
 
 # ---- Rotation under load ------------------------------------------------------
-my $script = $node->basedir . '/load.sql';
-open(my $fh, '>', $script) or die;
-print $fh <<'SQL';
+my ($bench, $outr, $errr) = start_load($node, 12, <<'SQL');
 \set id random(1, 20000)
 UPDATE t SET k = k + 1 WHERE id = :id;
 SELECT v FROM t WHERE id = :id;
 INSERT INTO t (k, v) VALUES (:id % 100, 'ROTATE-SECRET-new-' || :id);
 SQL
-close $fh;
-my ($out, $err) = ('', '');
-my $bench = IPC::Run::start(
-	[ 'pgbench', '-n', '-c', '2', '-T', '12', '-f', $script, '-p', $node->port, '-h', $node->host, 'postgres' ],
-	'>', \$out, '2>', \$err);
 sleep 2;
 my $version = $node->safe_psql('postgres', "SELECT tde_rotate_key('t')");
 is($version, '2', 'tde_rotate_key returns the new version');
 is($standby->safe_psql('postgres', 'SELECT count(*) > 0 FROM t'), 't', 'the standby reads the table meanwhile');
 $bench->finish;
 is($bench->result(0), 0, 'pgbench ran through the rotation without an error');
-unlike($err, qr/ERROR|aborted/, 'no client saw an error') or diag($err);
-my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
+unlike($$errr, qr/ERROR|aborted/, 'no client saw an error') or diag($$errr);
+my ($tx) = $$outr =~ /number of transactions actually processed: (\d+)/;
 ok(($tx // 0) > 100, "pgbench committed $tx transactions meanwhile");
 
 my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM t');

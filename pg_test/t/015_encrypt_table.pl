@@ -32,25 +32,18 @@ $node->safe_psql('postgres', q{
 cmp_ok(scalar(files_containing($node, 'PLAIN-SECRET-')), '>=', 3, 'before: the marker is on disk in the heap, TOAST and index files');
 is($node->safe_psql('postgres', "SELECT tde_is_encrypted('p')"), 'f', 'p is plain');
 
-my $script = $node->basedir . '/load.sql';
-open(my $fh, '>', $script) or die;
-print $fh <<'SQL';
+my ($bench, $outr, $errr) = start_load($node, 10, <<'SQL');
 \set id random(1, 20000)
 UPDATE p SET k = k + 1 WHERE id = :id;
 SELECT v FROM p WHERE id = :id;
 INSERT INTO p (k, v) VALUES (:id % 10, 'PLAIN-SECRET-new-' || :id);
 SQL
-close $fh;
-my ($out, $err) = ('', '');
-my $bench = IPC::Run::start(
-	[ 'pgbench', '-n', '-c', '2', '-T', '10', '-f', $script, '-p', $node->port, '-h', $node->host, 'postgres' ],
-	'>', \$out, '2>', \$err);
 sleep 2;
 $node->safe_psql('postgres', "SELECT tde_encrypt_table('p')");
 $bench->finish;
 is($bench->result(0), 0, 'pgbench ran through the encryption without an error');
-unlike($err, qr/ERROR|aborted/, 'no client saw an error') or diag($err);
-my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
+unlike($$errr, qr/ERROR|aborted/, 'no client saw an error') or diag($$errr);
+my ($tx) = $$outr =~ /number of transactions actually processed: (\d+)/;
 ok(($tx // 0) > 100, "pgbench committed $tx transactions meanwhile");
 
 is($node->safe_psql('postgres', "SELECT tde_is_encrypted('p')"), 't', 'tde_is_encrypted is true');
