@@ -64,6 +64,24 @@ SELECT p.table_oid::regclass AS "table",
        p.pid
   FROM tde_reencryption_progress_rows() p;
 
+-- The audit trail: one row per key operation, oldest first.  The chain
+-- column lets anyone re-check a copy; tde_verify_audit_log() checks it all.
+CREATE VIEW tde_audit_log AS
+SELECT a.seq,
+       a.logged_at,
+       a.role,
+       a.database,
+       a.operation,
+       a.object,
+       a.file,
+       a.key_id,
+       a.key_version,
+       a.result,
+       a.detail,
+       a.keyed,
+       a.chain
+  FROM tde_audit_log_rows() a;
+
 REVOKE ALL ON FUNCTION tde_add_key_provider(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_set_master_key(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_rotate_master_key() FROM PUBLIC;
@@ -82,9 +100,12 @@ REVOKE ALL ON FUNCTION tde_key_inventory() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_destroy_retired_keys(interval) FROM PUBLIC;
 REVOKE ALL ON tde_keys FROM PUBLIC;
 REVOKE ALL ON tde_status FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_audit_log_rows() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_verify_audit_log() FROM PUBLIC;
+REVOKE ALL ON tde_audit_log FROM PUBLIC;
 
 -- tde_admin: may rotate table keys, destroy retired ones, watch and pause
--- re-encryption, and read the key inventory and status.  Providers and the
+-- re-encryption, and read the key inventory, status and audit trail.  Providers and the
 -- master key stay with superusers (they name server files and variables).
 -- Roles are cluster-wide, so a second database's CREATE EXTENSION reuses it.
 DO $$
@@ -97,6 +118,7 @@ $$;
 GRANT EXECUTE ON FUNCTION tde_is_encrypted(regclass), tde_keys(), tde_key_store_state(), tde_key_cache(),
     tde_rotate_key(regclass, boolean), tde_reencrypt_pause(regclass), tde_reencrypt_resume(regclass),
     tde_encrypt_table(regclass, boolean), tde_decrypt_table(regclass, boolean),
-    tde_reencryption_progress_rows(), tde_key_inventory(), tde_destroy_retired_keys(interval)
+    tde_reencryption_progress_rows(), tde_key_inventory(), tde_destroy_retired_keys(interval),
+    tde_audit_log_rows(), tde_verify_audit_log()
   TO tde_admin;
-GRANT SELECT ON tde_status, tde_keys, tde_reencryption_progress TO tde_admin;
+GRANT SELECT ON tde_status, tde_keys, tde_reencryption_progress, tde_audit_log TO tde_admin;

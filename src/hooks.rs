@@ -200,8 +200,30 @@ unsafe fn refuse_decrypting_set_access_method(stmt: *mut pg_sys::AlterTableStmt)
             unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
         };
         if !policy::set_access_method_allowed(&target) {
-            TdeError::Enforced(format!("SET ACCESS METHOD {target} would store the table unencrypted")).raise();
+            let why = format!("SET ACCESS METHOD {target} would store the table unencrypted");
+            // SAFETY: the statement's relation, a RangeVar from the parser.
+            let object = unsafe { relation_label((*stmt).relation) };
+            crate::audit::refused(&object, &why);
+            TdeError::Enforced(why).raise();
         }
+    }
+}
+
+/// `schema.name` (or `name`) of a statement's RangeVar, for audit records.
+unsafe fn relation_label(rv: *mut pg_sys::RangeVar) -> String {
+    if rv.is_null() {
+        return String::new();
+    }
+    let part = |p: *const c_char| {
+        // SAFETY: NULL or a NUL-terminated identifier from the parser.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    };
+    // SAFETY: a valid RangeVar (caller).
+    let (ns, name) = unsafe { (part((*rv).schemaname), part((*rv).relname)) };
+    match (ns, name) {
+        (Some(ns), Some(n)) => format!("{ns}.{n}"),
+        (None, Some(n)) => n,
+        _ => String::new(),
     }
 }
 
@@ -237,7 +259,9 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
         // The catalog lookups of is_rewrite_transient only when they matter.
         let rewrite_keeping_am = user_table && !system && !tde_heap && is_rewrite_transient(&name, relam);
         if !policy::allowed_under_enforcement(&Created { user_table, system, tde_heap, rewrite_keeping_am }) {
-            TdeError::Enforced(format!("table \"{name}\" would not be encrypted")).raise();
+            let why = format!("table \"{name}\" would not be encrypted");
+            crate::audit::refused(&crate::audit::relation_name(relid), &why);
+            TdeError::Enforced(why).raise();
         }
     }
 }

@@ -19,6 +19,7 @@
 use pgrx::prelude::*;
 
 mod am;
+mod audit;
 mod error;
 mod gucs;
 mod hooks;
@@ -52,6 +53,7 @@ pub extern "C-unwind" fn _PG_init() {
     wal::init();
     smgr::init();
     hooks::init();
+    audit::init();
 }
 
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;

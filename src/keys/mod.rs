@@ -31,8 +31,31 @@ use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::wrap::{wrap_table_key, WRAPPED_TABLE_KEY_LEN};
 
+use crate::audit::{self, Entry, Op};
 use crate::error::TdeError;
 use store::Secret;
+
+/// An audit record as a change of its batch (sealed by the store).
+fn audited(entry: Entry) -> (Change, Secret) {
+    (Change::Audit { entry }, Secret::None)
+}
+
+/// Whether the cluster has a key store (and so an audit trail) yet.
+pub fn store_exists() -> bool {
+    shmem::is_attached() && shmem::with_store_lock(|s| shmem::meta(s).exists)
+}
+
+/// Audit records that come with no key change, in one batch.
+pub fn record_audit(entries: Vec<Entry>) -> Result<(), TdeError> {
+    store::commit(|_| Ok(entries.into_iter().map(audited).collect()))
+}
+
+/// The audit log file, the head the key store holds and the audit key,
+/// with every queued record appended first (for tde_audit_log and
+/// tde_verify_audit_log).
+pub fn audit_log() -> Result<(Vec<u8>, tde_core::audit::Head, Option<tde_core::audit::AuditKey>), TdeError> {
+    store::read_audit_log()
+}
 
 pub fn file_id(loc: &pg_sys::RelFileLocator) -> FileId {
     FileId { spc: loc.spcOid.into(), db: loc.dbOid.into(), rel: loc.relNumber.into() }
@@ -109,29 +132,31 @@ pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), T
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
-    install_keys(vec![(file, NewKeys { current: (1, tek), previous: None, phase: 0 })])
+    install_keys(vec![(file, NewKeys { current: (1, tek), previous: None, phase: 0 })], "", "")
 }
 
 /// Records each set of keys as the keys of its file (new keys, or copies of
 /// existing ones), in one key store change.
-fn install_keys(keys: Vec<(FileId, NewKeys)>) -> Result<(), TdeError> {
+fn install_keys(keys: Vec<(FileId, NewKeys)>, object: &str, detail: &str) -> Result<(), TdeError> {
     if keys.is_empty() {
         return Ok(());
     }
     store::commit(|ks| {
         let kek = current_kek()?;
-        keys.into_iter()
-            .zip(ks.next_key_id..)
-            .map(|((file, keys), key_id)| {
-                let mut entry = wrap_entry(&ks.store_id, &kek, file, key_id, &keys)?;
-                entry.phase = match keys.phase {
-                    1 => Phase::Encrypting,
-                    2 => Phase::Decrypting,
-                    _ => Phase::Encrypted,
-                };
-                Ok((Change::AddKey(entry), Secret::TableKey(keys.current.1)))
-            })
-            .collect()
+        let mut changes = Vec::with_capacity(2 * keys.len());
+        for ((file, keys), key_id) in keys.into_iter().zip(ks.next_key_id..) {
+            let mut entry = wrap_entry(&ks.store_id, &kek, file, key_id, &keys)?;
+            entry.phase = match keys.phase {
+                1 => Phase::Encrypting,
+                2 => Phase::Decrypting,
+                _ => Phase::Encrypted,
+            };
+            let mut rec = audit::key_entry(Op::KeyCreated, object, file, key_id, entry.version);
+            rec.detail = detail.to_string();
+            changes.push((Change::AddKey(entry), Secret::TableKey(keys.current.1)));
+            changes.push(audited(rec));
+        }
+        Ok(changes)
     })
 }
 
@@ -139,10 +164,10 @@ fn install_keys(keys: Vec<(FileId, NewKeys)>) -> Result<(), TdeError> {
 /// its current one staying live as the previous version, in one key store
 /// change.  A file already mid-rotation keeps its versions (the pass that
 /// follows finishes it).
-pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
+pub fn begin_rotation(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|view| {
         let kek = current_kek()?;
-        let mut changes = Vec::new();
+        let mut changes: Vec<(Change, Secret)> = extra.into_iter().map(audited).collect();
         for file in files {
             let e = shmem::entry(file).ok_or(TdeError::Store(tde_core::keystore::StoreError::NoSuchKey(*file)))?;
             if e.previous.is_some() {
@@ -152,6 +177,7 @@ pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
             let tek = TableKey::generate().map_err(|_| TdeError::Crypto)?;
             let wrapped = wrap_version(&view.store_id, &kek, *file, e.key_id, version, &tek)?;
             changes.push((Change::RotateKey { file: *file, version, created: now(), wrapped }, Secret::TableKey(tek)));
+            changes.push(audited(audit::key_entry(Op::KeyRotated, object, *file, e.key_id, version)));
         }
         Ok(changes)
     })
@@ -161,10 +187,10 @@ pub fn begin_rotation(files: &[FileId]) -> Result<(), TdeError> {
 /// the encrypting phase (its plain pages stay readable until rewritten); a
 /// file left decrypting by an interrupted tde_decrypt_table goes back to
 /// encrypting.  One key store change.
-pub fn begin_encryption(files: &[FileId]) -> Result<(), TdeError> {
+pub fn begin_encryption(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|view| {
         let kek = current_kek()?;
-        let mut changes = Vec::new();
+        let mut changes: Vec<(Change, Secret)> = extra.into_iter().map(audited).collect();
         let mut key_id = view.next_key_id;
         for file in files {
             match shmem::entry(file) {
@@ -180,8 +206,9 @@ pub fn begin_encryption(files: &[FileId]) -> Result<(), TdeError> {
                     };
                     let mut entry = wrap_entry(&view.store_id, &kek, *file, key_id, &keys)?;
                     entry.phase = Phase::Encrypting;
-                    key_id += 1;
                     changes.push((Change::AddKey(entry), Secret::TableKey(keys.current.1)));
+                    changes.push(audited(audit::key_entry(Op::KeyCreated, object, *file, key_id, 1)));
+                    key_id += 1;
                 }
             }
         }
@@ -190,37 +217,44 @@ pub fn begin_encryption(files: &[FileId]) -> Result<(), TdeError> {
 }
 
 /// Moves every file of `files` that has a key to `phase`.
-pub fn set_phase(files: &[FileId], phase: Phase) -> Result<(), TdeError> {
+pub fn set_phase(files: &[FileId], phase: Phase, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|_| {
-        Ok(files
+        let mut changes: Vec<(Change, Secret)> = files
             .iter()
             .filter(|f| shmem::entry(f).is_some_and(|e| e.phase != store::phase_code(phase)))
             .map(|f| (Change::SetPhase { file: *f, phase }, Secret::None))
-            .collect())
+            .collect();
+        changes.extend(extra.into_iter().map(audited));
+        Ok(changes)
     })
 }
 
 /// Drops the keys of `files` (tde_decrypt_table, once every page is plain),
 /// WAL-logged.
-pub fn remove_keys(files: &[FileId]) -> Result<(), TdeError> {
+pub fn remove_keys(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|_| {
-        Ok(files
-            .iter()
-            .filter(|f| shmem::contains(f))
-            .map(|f| (Change::RemoveKey { file: *f }, Secret::None))
-            .collect())
+        let mut changes = Vec::new();
+        for (file, e) in files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e))) {
+            changes.push((Change::RemoveKey { file }, Secret::None));
+            changes.push(audited(audit::key_entry(Op::KeyRemoved, object, file, e.key_id, e.version)));
+        }
+        changes.extend(extra.into_iter().map(audited));
+        Ok(changes)
     })
 }
 
 /// Ends a key rotation of `files` once no page uses their previous
 /// versions: retires them (they stay wrapped in the key store).
-pub fn finish_rotation(files: &[FileId]) -> Result<(), TdeError> {
+pub fn finish_rotation(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|_| {
-        Ok(files
-            .iter()
-            .filter_map(|f| shmem::entry(f).and_then(|e| e.previous).map(|v| (*f, v)))
-            .map(|(file, version)| (Change::RetireKeyVersion { file, version, retired_at: now() }, Secret::None))
-            .collect())
+        let mut changes = Vec::new();
+        for (file, e) in files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e))) {
+            let Some(version) = e.previous else { continue };
+            changes.push((Change::RetireKeyVersion { file, version, retired_at: now() }, Secret::None));
+            changes.push(audited(audit::key_entry(Op::KeyRetired, object, file, e.key_id, version)));
+        }
+        changes.extend(extra.into_iter().map(audited));
+        Ok(changes)
     })
 }
 
@@ -280,12 +314,12 @@ pub fn inventory(max_age_secs: i64) -> Result<Vec<InventoryRow>, TdeError> {
 pub fn destroy_retired(older_than_secs: i64) -> Result<usize, TdeError> {
     let Some(ks) = store::read_current()? else { return Ok(0) };
     let cutoff = now() - older_than_secs.max(0);
-    let doomed: Vec<(FileId, u32)> = ks
+    let doomed: Vec<(FileId, u64, u32)> = ks
         .keys
         .values()
-        .flat_map(|e| e.retired.iter().map(move |o| (e.file, o)))
-        .filter(|(_, o)| o.destroyed_at.is_none() && o.retired_at.is_some_and(|t| t <= cutoff))
-        .map(|(f, o)| (f, o.version))
+        .flat_map(|e| e.retired.iter().map(move |o| (e.file, e.key_id, o)))
+        .filter(|(_, _, o)| o.destroyed_at.is_none() && o.retired_at.is_some_and(|t| t <= cutoff))
+        .map(|(f, id, o)| (f, id, o.version))
         .collect();
     let n = doomed.len();
     if n == 0 {
@@ -293,10 +327,12 @@ pub fn destroy_retired(older_than_secs: i64) -> Result<usize, TdeError> {
     }
     let at = now();
     store::commit(|_| {
-        Ok(doomed
-            .iter()
-            .map(|&(file, version)| (Change::DestroyKeyVersion { file, version, destroyed_at: at }, Secret::None))
-            .collect())
+        let mut changes = Vec::with_capacity(2 * doomed.len());
+        for &(file, key_id, version) in &doomed {
+            changes.push((Change::DestroyKeyVersion { file, version, destroyed_at: at }, Secret::None));
+            changes.push(audited(audit::key_entry(Op::KeyDestroyed, "", file, key_id, version)));
+        }
+        Ok(changes)
     })?;
     store::compact_now()?;
     Ok(n)
@@ -394,7 +430,7 @@ pub fn copy_database_keys(
         copies.push((dst, keys));
     }
     let n = copies.len();
-    install_keys(copies)?;
+    install_keys(copies, "", &format!("copy for CREATE DATABASE of database {src_db}"))?;
     Ok(n)
 }
 
@@ -408,7 +444,16 @@ pub fn forget_database(db: u32) {
     if files.is_empty() {
         return;
     }
-    let logged = store::commit(|_| Ok(files.iter().map(|f| (Change::RemoveKey { file: *f }, Secret::None)).collect()));
+    let logged = store::commit(|_| {
+        let mut changes = Vec::new();
+        for (file, e) in files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e))) {
+            changes.push((Change::RemoveKey { file }, Secret::None));
+            let mut rec = audit::key_entry(Op::KeyRemoved, "", file, e.key_id, e.version);
+            rec.detail = format!("DROP DATABASE of database {db}");
+            changes.push(audited(rec));
+        }
+        Ok(changes)
+    });
     if let Err(e) = logged {
         pgrx::warning!("tde: could not log the removal of {} key(s) of dropped database {db}: {e}", files.len());
         store::remove_quietly(&files);
@@ -461,8 +506,10 @@ pub fn rotate_master_key() -> Result<String, TdeError> {
             }
         }
         new_name = name.clone();
+        let mut rec = audit::entry(Op::MasterKeyRotated, &format!("{}/{name}", p.provider), audit::Outcome::Ok);
+        rec.detail = format!("from {}/{}; {} key versions re-wrapped", p.provider, p.key_name, keys.len());
         let principal = Principal { provider: p.provider, key_name: name, wrapped_kek: B64.encode(wrapped_kek) };
-        Ok((Change::Rekey { principal, keys }, new_kek))
+        Ok((Change::Rekey { principal, keys, audit_key: None, audit: Some(rec) }, new_kek))
     })?;
     Ok(new_name)
 }
@@ -478,7 +525,11 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
         Some(p) if *p != entry => {
             Err(TdeError::Store(tde_core::keystore::StoreError::ProviderExists(name.to_string())))
         }
-        _ => Ok(vec![(Change::AddProvider(entry), Secret::None)]),
+        _ => {
+            let mut rec = audit::entry(Op::ProviderAdded, name, audit::Outcome::Ok);
+            rec.detail = format!("kind {kind}");
+            Ok(vec![(Change::AddProvider(entry), Secret::None), audited(rec)])
+        }
     })
 }
 
@@ -512,6 +563,7 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
             key_name: key_name.to_string(),
             wrapped_kek: B64.encode(wrapped),
         };
-        Ok(vec![(Change::SetPrincipal(principal), Secret::Kek(kek))])
+        let rec = audit::entry(Op::MasterKeySet, &format!("{provider_name}/{key_name}"), audit::Outcome::Ok);
+        Ok(vec![(Change::SetPrincipal(principal), Secret::Kek(kek)), audited(rec)])
     })
 }

@@ -44,6 +44,7 @@ use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pgrx::pg_sys;
+use tde_core::audit::{AuditKey, Head, CHAIN_LEN};
 use tde_core::keystore::{tek_aad, FileId};
 use tde_core::keytable::{CacheSlot, Entry, KeyCache, KeyCacheView, KeyTable, Slot, Version};
 use tde_core::secret::{TableKey, WrapKey};
@@ -87,6 +88,14 @@ pub struct StoreMeta {
     /// Frames waiting in the queue (`pending`), and the end of their WAL.
     pub pending_len: u64,
     pub pending_lsn: u64,
+    /// The audit trail: whether the store has an audit key, the head (last
+    /// record sealed), the last record in the audit log file, and the lines
+    /// waiting in the audit queue (appended with the frames).
+    pub has_audit_key: bool,
+    pub audit_seq: u64,
+    pub audit_chain: [u8; CHAIN_LEN],
+    pub audit_file_seq: u64,
+    pub audit_pending_len: u64,
 }
 
 impl StoreMeta {
@@ -102,7 +111,16 @@ impl StoreMeta {
         snapshot_len: 0,
         pending_len: 0,
         pending_lsn: 0,
+        has_audit_key: false,
+        audit_seq: 0,
+        audit_chain: [0; CHAIN_LEN],
+        audit_file_seq: 0,
+        audit_pending_len: 0,
     };
+
+    pub fn audit_head(&self) -> Head {
+        Head { seq: self.audit_seq, chain: self.audit_chain }
+    }
 
     pub fn store_id(&self) -> String {
         let end = self.store_id.iter().position(|&b| b == 0).unwrap_or(STORE_ID_LEN);
@@ -130,6 +148,9 @@ struct Header {
     hand: u32,
     kek: [u8; 32],
     auth: [u8; 32],
+    /// The audit trail's HMAC key while unlocked (all zeros: none).
+    audit: [u8; 32],
+    has_audit: u32,
     reason: [u8; REASON_LEN],
     /// Copy of the store id readable under the table lock (for unwrapping).
     store_id: [u8; STORE_ID_LEN],
@@ -196,9 +217,12 @@ fn queue_offset(max_keys: u32, cache_size: u32) -> usize {
     cache_offset(max_keys) + cache_size.max(1) as usize * size_of::<CacheSlot>()
 }
 
+/// Bytes of audit log lines that wait, with the frames, for their WAL.
+pub const AUDIT_QUEUE_BYTES: usize = 128 * 1024;
+
 /// Bytes of shared memory needed, for RequestAddinShmemSpace.
 pub fn size(max_keys: u32, cache_size: u32) -> usize {
-    queue_offset(max_keys, cache_size) + QUEUE_BYTES
+    queue_offset(max_keys, cache_size) + QUEUE_BYTES + AUDIT_QUEUE_BYTES
 }
 
 /// Called from the shmem_request hook.
@@ -627,11 +651,25 @@ pub fn set_unlocked(_x: &Exclusive, kek: &WrapKey, store_id: &str) {
     bump();
 }
 
+/// The audit trail's key, unwrapped (keys/store.rs).
+pub fn set_audit_key(_x: &Exclusive, key: &AuditKey) {
+    // SAFETY: the caller holds the table lock exclusively.
+    let hd = unsafe { &mut *h() };
+    hd.audit.copy_from_slice(key.expose());
+    hd.has_audit = 1;
+}
+
+fn forget_secrets(hd: &mut Header) {
+    hd.kek.zeroize();
+    hd.auth.zeroize();
+    hd.audit.zeroize();
+    hd.has_audit = 0;
+}
+
 pub fn set_locked(x: &Exclusive, reason: &str) {
     // SAFETY: the caller holds the table lock exclusively.
     let hd = unsafe { &mut *h() };
-    hd.kek.zeroize();
-    hd.auth.zeroize();
+    forget_secrets(hd);
     cache(x).clear();
     set_state(StoreState::Locked, reason);
     bump();
@@ -640,8 +678,7 @@ pub fn set_locked(x: &Exclusive, reason: &str) {
 pub fn set_empty(x: &Exclusive) {
     // SAFETY: the caller holds the table lock exclusively.
     let hd = unsafe { &mut *h() };
-    hd.kek.zeroize();
-    hd.auth.zeroize();
+    forget_secrets(hd);
     cache(x).clear();
     set_state(StoreState::Empty, "");
     bump();
@@ -683,6 +720,33 @@ pub fn queue_read(_s: &StoreLock, n: usize) -> Vec<u8> {
     assert!(n <= QUEUE_BYTES, "key store queue overflow");
     // SAFETY: in bounds; the store lock, held, serialises access.
     unsafe { std::slice::from_raw_parts(queue_ptr(), n) }.to_vec()
+}
+
+fn audit_queue_ptr() -> *mut u8 {
+    // SAFETY: AUDIT_QUEUE_BYTES after the frame queue lie inside our region.
+    unsafe { queue_ptr().add(QUEUE_BYTES) }
+}
+
+/// Copies audit log lines into their queue at offset `at` (store lock).
+pub fn audit_queue_write(_s: &StoreLock, at: usize, bytes: &[u8]) {
+    assert!(at + bytes.len() <= AUDIT_QUEUE_BYTES, "audit queue overflow");
+    // SAFETY: in bounds (checked above); the store lock serialises access.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), audit_queue_ptr().add(at), bytes.len()) };
+}
+
+/// The first `n` bytes of the audit queue.
+pub fn audit_queue_read(_s: &StoreLock, n: usize) -> Vec<u8> {
+    assert!(n <= AUDIT_QUEUE_BYTES, "audit queue overflow");
+    // SAFETY: in bounds; the store lock, held, serialises access.
+    unsafe { std::slice::from_raw_parts(audit_queue_ptr(), n) }.to_vec()
+}
+
+/// The audit trail's key, if the store is unlocked and has one.
+pub fn audit_key() -> Option<AuditKey> {
+    let _g = Guard::new(false);
+    // SAFETY: the table lock is held; `audit` is written only under it.
+    let hd = unsafe { &*h() };
+    (state_locked() == StoreState::Unlocked && hd.has_audit == 1).then(|| AuditKey::from_bytes(&hd.audit))
 }
 
 /// The key store's authentication key, if unlocked.

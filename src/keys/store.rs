@@ -32,6 +32,7 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pgrx::pg_sys;
+use tde_core::audit::{self as audit_log, AuditKey, Entry, Head, GENESIS};
 use tde_core::keystore::{kek_aad, redo_step, Change, FileId, KeyEntry, KeyStore, Phase, Record, RedoStep};
 use tde_core::provider;
 use tde_core::secret::{TableKey, WrapKey};
@@ -53,6 +54,11 @@ pub fn path() -> PathBuf {
         }
     };
     dir.join("tde").join("keystore")
+}
+
+/// The audit trail's log file (tde-core's `audit`), next to the key store.
+pub fn audit_path() -> PathBuf {
+    path().with_file_name("audit.log")
 }
 
 fn ensure_dir() -> Result<(), TdeError> {
@@ -129,7 +135,42 @@ fn meta_of(l: &Loaded) -> StoreMeta {
     m.last_tag = l.last_tag;
     m.file_len = l.valid_len;
     m.snapshot_len = l.snapshot_len;
+    m.has_audit_key = l.state.audit_key.is_some();
+    m.audit_seq = l.state.audit_head.seq;
+    m.audit_chain = audit_log::from_hex(&l.state.audit_head.chain).unwrap_or(GENESIS);
     m
+}
+
+/// `meta_of` for a file this server just rewrote: the audit log's position
+/// is unchanged.
+fn meta_after_rewrite(l: &Loaded, before: &StoreMeta) -> StoreMeta {
+    let mut m = meta_of(l);
+    m.audit_file_seq = before.audit_file_seq;
+    m.audit_pending_len = before.audit_pending_len;
+    m
+}
+
+/// The audit key of `ks`, unwrapped with its KEK.
+fn unwrap_audit_key(ks: &KeyStore, kek: &WrapKey) -> Result<Option<AuditKey>, TdeError> {
+    let Some(w) = &ks.audit_key else { return Ok(None) };
+    let blob = B64.decode(w).map_err(|_| TdeError::Invalid("wrapped audit key is not base64".into()))?;
+    AuditKey::unwrap(kek, &blob, &ks.store_id)
+        .map(Some)
+        .map_err(|_| TdeError::Locked("the audit key does not unwrap under the key-encryption key".into()))
+}
+
+/// Finds where the audit log ends (its last complete record), cutting off
+/// a torn last line that a crash left: recovery appends that record again.
+fn open_audit_log() -> Result<u64, TdeError> {
+    let p = audit_path();
+    let Some(bytes) = storefile::read(&p)? else { return Ok(0) };
+    let (_, torn) = audit_log::split_lines(&bytes);
+    if torn > 0 {
+        pgrx::log!("tde: audit log \"{}\": dropping a torn last line of {torn} bytes", p.display());
+        storefile::truncate(&p, (bytes.len() - torn) as u64)?;
+    }
+    audit_log::last_seq(&bytes[..bytes.len() - torn])
+        .map_err(|why| TdeError::Store(tde_core::keystore::StoreError::Corrupt { path: p, why }))
 }
 
 /// Reads, checks and authenticates the file, then fills the table from it.
@@ -171,13 +212,22 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
             Err(e) => Some(Err(e)),
         },
     };
-    shmem::set_meta(s, &meta_of(&loaded));
+    let mut m = meta_of(&loaded);
+    m.audit_file_seq = open_audit_log()?;
+    shmem::set_meta(s, &m);
+    let audit_key = match &kek {
+        Some(Ok(k)) => unwrap_audit_key(ks, k)?,
+        _ => None,
+    };
     shmem::with_exclusive(|x| -> Result<(), TdeError> {
         shmem::clear(x);
         match &kek {
             None => shmem::set_empty(x),
             Some(Ok(k)) => shmem::set_unlocked(x, k, &ks.store_id),
             Some(Err(e)) => shmem::set_locked(x, &e.to_string()),
+        }
+        if let Some(a) = &audit_key {
+            shmem::set_audit_key(x, a);
         }
         for e in ks.keys.values() {
             insert_entry(x, e, None).map_err(|f| TdeError::TableFull(f.0))?;
@@ -199,7 +249,9 @@ pub fn load_at_startup() {
     let result = shmem::with_store_lock(|s| -> Result<(), TdeError> {
         match storefile::read(&path())? {
             None => {
-                shmem::set_meta(s, &StoreMeta::NONE);
+                let mut m = StoreMeta::NONE;
+                m.audit_file_seq = open_audit_log()?;
+                shmem::set_meta(s, &m);
                 shmem::with_exclusive(shmem::set_empty);
                 Ok(())
             }
@@ -234,6 +286,7 @@ pub enum Secret {
     None,
     TableKey(TableKey),
     Kek(WrapKey),
+    AuditKey(AuditKey),
 }
 
 /// What a change is built from: the store's id and counters (the file is
@@ -250,7 +303,7 @@ fn create_file(s: &StoreLock, store_id: &str) -> Result<StoreMeta, tde_core::key
     let (bytes, _) = storefile::encode_snapshot(&ks, None);
     storefile::replace(&path(), &bytes)?;
     let loaded = storefile::parse(&bytes, &path())?;
-    let m = meta_of(&loaded);
+    let m = meta_after_rewrite(&loaded, &shmem::meta(s));
     shmem::set_meta(s, &m);
     Ok(m)
 }
@@ -272,11 +325,96 @@ fn frames(m: &mut StoreMeta, records: &[Record], kek: Option<&WrapKey>) -> Resul
         out.extend_from_slice(&f);
         m.last_tag = tag;
         m.generation = r.generation;
-        if let Change::AddKey(e) = &r.change {
-            m.next_key_id = m.next_key_id.max(e.key_id + 1);
+        match &r.change {
+            Change::AddKey(e) => m.next_key_id = m.next_key_id.max(e.key_id + 1),
+            Change::SetAuditKey { .. } => m.has_audit_key = true,
+            Change::Audit { entry } => advance_head(m, entry),
+            _ => {}
         }
     }
     Ok(out)
+}
+
+fn advance_head(m: &mut StoreMeta, e: &Entry) {
+    if e.seq > m.audit_seq {
+        m.audit_seq = e.seq;
+        m.audit_chain = e.chain_bytes().unwrap_or(GENESIS);
+    }
+}
+
+/// Gives a batch's audit records their sequence numbers and chain values,
+/// after the head in `m`.  The first record after a master key exists
+/// brings the audit key along (a `SetAuditKey` change before it, wrapped by
+/// the KEK) if the store has none yet.  `new_kek` is the KEK a `SetPrincipal`
+/// of this batch brings.
+fn seal_batch(
+    m: &StoreMeta,
+    batch: Vec<(Change, Secret)>,
+    new_kek: Option<&WrapKey>,
+) -> Result<Vec<(Change, Secret)>, TdeError> {
+    let mut head = m.audit_head();
+    let mut principal = m.has_principal;
+    let mut key = if m.has_audit_key {
+        Some(shmem::audit_key().ok_or_else(|| TdeError::Locked("the audit key is not available".into()))?)
+    } else {
+        None
+    };
+    let mut out = Vec::with_capacity(batch.len() + 1);
+    for (change, secret) in batch {
+        match change {
+            Change::SetPrincipal(_) => {
+                principal = true;
+                out.push((change, secret));
+            }
+            Change::Audit { mut entry } => {
+                if principal && key.is_none() {
+                    let kek = match new_kek {
+                        Some(k) => WrapKey::from_bytes(k.expose()).map_err(|_| TdeError::Crypto)?,
+                        None => shmem::kek().ok_or_else(|| TdeError::Locked(shmem::state().1))?,
+                    };
+                    let k = AuditKey::generate().map_err(|_| TdeError::Crypto)?;
+                    let wrapped = k.wrap(&kek, &m.store_id()).map_err(|_| TdeError::Crypto)?;
+                    out.push((Change::SetAuditKey { wrapped: B64.encode(wrapped) }, Secret::None));
+                    key = Some(k);
+                }
+                head = audit_log::seal(&mut entry, &head, key.as_ref());
+                out.push((Change::Audit { entry }, Secret::None));
+            }
+            _ => out.push((change, secret)),
+        }
+    }
+    // The new audit key goes into shared memory with the batch.
+    if let (Some(k), false) = (key, m.has_audit_key) {
+        let pos = out.iter().position(|(c, _)| matches!(c, Change::SetAuditKey { .. })).expect("added above");
+        out[pos].1 = Secret::AuditKey(k);
+    }
+    Ok(out)
+}
+
+/// The audit log lines of a batch's records.
+fn audit_lines(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        if let Some(e) = audit_entry(&r.change) {
+            out.extend_from_slice(e.to_line().as_bytes());
+        }
+    }
+    out
+}
+
+fn audit_entry(c: &Change) -> Option<&Entry> {
+    match c {
+        Change::Audit { entry } => Some(entry),
+        Change::Rekey { audit, .. } => audit.as_ref(),
+        _ => None,
+    }
+}
+
+/// Each record also goes to the server log, with a fixed prefix.
+fn log_audit(records: &[Record]) {
+    for e in records.iter().filter_map(|r| audit_entry(&r.change)) {
+        pgrx::log!("tde audit: {}", e.to_log());
+    }
 }
 
 /// Makes a batch of changes durable: WAL, file (one append) and shared
@@ -307,7 +445,13 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
             };
         }
         let view = View { store_id: m.store_id(), next_key_id: m.next_key_id };
-        let (changes, secrets): (Vec<Change>, Vec<Secret>) = build(&view)?.into_iter().unzip();
+        let batch = build(&view)?;
+        let new_kek = batch.iter().find_map(|(_, s)| match s {
+            Secret::Kek(k) => WrapKey::from_bytes(k.expose()).ok(),
+            _ => None,
+        });
+        let batch = seal_batch(&m, batch, new_kek.as_ref())?;
+        let (changes, secrets): (Vec<Change>, Vec<Secret>) = batch.into_iter().unzip();
         let records: Vec<Record> = changes
             .into_iter()
             .zip(m.generation + 1..)
@@ -332,7 +476,7 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
         let sync = records
             .iter()
             .any(|r| matches!(r.change, Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_)));
-        log_and_queue(s, &mut after, &records, &bytes, sync);
+        log_and_queue(s, &mut after, &records, &bytes, &audit_lines(&records), sync);
         shmem::set_meta(s, &after);
         shmem::with_exclusive(|x| {
             for (r, secret) in records.iter().zip(secrets) {
@@ -346,6 +490,7 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
                         }
                     }
                     (Change::SetPrincipal(_), Secret::Kek(kek)) => shmem::set_unlocked(x, &kek, &view.store_id),
+                    (Change::SetAuditKey { .. }, Secret::AuditKey(k)) => shmem::set_audit_key(x, &k),
                     (Change::RotateKey { file, version, created, wrapped }, Secret::TableKey(tek)) => {
                         shmem::rotate(x, file, *version, *created, &decode_wrapped(wrapped), Some(&tek))
                     }
@@ -353,8 +498,9 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
                 }
             }
         });
-        Ok(())
+        Ok(records)
     })
+    .map(|records| log_audit(&records))
 }
 
 /// Master-key rotation: one change that replaces the KEK, made durable as a
@@ -374,16 +520,30 @@ pub fn rekey(build: impl FnOnce(&KeyStore) -> Result<(Change, WrapKey), TdeError
         drain(s, &mut m)?;
         shmem::set_meta(s, &m);
         let ks = authenticated_state(&m)?;
-        let (change, new_kek) = build(&ks)?;
+        let (mut change, new_kek) = build(&ks)?;
+        // The audit key stays (the whole log stays verifiable) and is
+        // re-wrapped under the new KEK; the rotation's record is sealed.
+        let ak = match (shmem::audit_key(), m.has_audit_key) {
+            (Some(k), _) => k,
+            (None, false) => AuditKey::generate().map_err(|_| TdeError::Crypto)?,
+            (None, true) => return Err(TdeError::Locked("the audit key is not available".into())),
+        };
+        if let Change::Rekey { audit_key, audit, .. } = &mut change {
+            *audit_key = Some(B64.encode(ak.wrap(&new_kek, &ks.store_id).map_err(|_| TdeError::Crypto)?));
+            if let Some(e) = audit.as_mut() {
+                audit_log::seal(e, &m.audit_head(), Some(&ak));
+            }
+        }
         let rec = Record { generation: m.generation + 1, change };
         let _delay = DelayCheckpoint::start();
         let lsn = wal::log_records(std::slice::from_ref(&rec));
         flush_wal(lsn);
-        if let Err(e) = write_rekeyed(s, ks, &rec, &new_kek) {
+        if let Err(e) = write_rekeyed(s, ks, &rec, &new_kek, &ak) {
             e.raise_at(pgrx::PgLogLevel::PANIC);
         }
-        Ok(())
+        Ok(rec)
     })
+    .map(|rec| log_audit(std::slice::from_ref(&rec)))
 }
 
 /// The store as the file holds it, authenticated with the current key.
@@ -401,14 +561,25 @@ fn authenticated_state(m: &StoreMeta) -> Result<KeyStore, TdeError> {
 /// Applies a Rekey record to `ks`, writes the result as the new file (a
 /// snapshot under the new KEK's authentication key) and puts the new KEK
 /// and wrapped keys in shared memory.
-fn write_rekeyed(s: &StoreLock, mut ks: KeyStore, rec: &Record, new_kek: &WrapKey) -> Result<(), TdeError> {
+fn write_rekeyed(
+    s: &StoreLock,
+    mut ks: KeyStore,
+    rec: &Record,
+    new_kek: &WrapKey,
+    audit_key: &AuditKey,
+) -> Result<(), TdeError> {
+    let mut before = shmem::meta(s);
+    if let Some(e) = audit_entry(&rec.change) {
+        ensure_audit_line(&mut before, e)?;
+    }
     ks.apply(&rec.change)?;
     ks.generation = rec.generation;
     let (bytes, _) = storefile::encode_snapshot(&ks, Some(&AuthKey::derive(new_kek, &ks.store_id)));
     storefile::replace(&path(), &bytes)?;
-    shmem::set_meta(s, &meta_of(&storefile::parse(&bytes, &path())?));
+    shmem::set_meta(s, &meta_after_rewrite(&storefile::parse(&bytes, &path())?, &before));
     shmem::with_exclusive(|x| {
         shmem::set_unlocked(x, new_kek, &ks.store_id);
+        shmem::set_audit_key(x, audit_key);
         for e in ks.keys.values() {
             // Replacing entries in place cannot overflow the table.
             let _ = insert_entry(x, e, None);
@@ -454,10 +625,10 @@ impl Drop for DelayCheckpoint {
 ///
 /// So a new table key costs one WAL insert and a copy into the queue; the
 /// WAL flush it waits for is usually its transaction's commit.
-fn log_and_queue(s: &StoreLock, m: &mut StoreMeta, records: &[Record], frames: &[u8], sync: bool) {
+fn log_and_queue(s: &StoreLock, m: &mut StoreMeta, records: &[Record], frames: &[u8], lines: &[u8], sync: bool) {
     let _delay = DelayCheckpoint::start();
     let lsn = wal::log_records(records);
-    if let Err(e) = queue_frames(s, m, frames, lsn, sync) {
+    if let Err(e) = queue_frames(s, m, frames, lines, lsn, sync) {
         TdeError::SaveAfterLog(e).raise_at(pgrx::PgLogLevel::PANIC);
     }
 }
@@ -470,36 +641,82 @@ fn flush_wal(lsn: u64) {
     }
 }
 
+/// Queues (or, if `sync` or too large, appends) a batch's frames and its
+/// audit log lines, which travel together: the lines are appended just
+/// before the frames, after the WAL that holds both is flushed.
 fn queue_frames(
     s: &StoreLock,
     m: &mut StoreMeta,
     frames: &[u8],
+    lines: &[u8],
     lsn: u64,
     sync: bool,
 ) -> Result<(), tde_core::keystore::StoreError> {
-    if sync || m.pending_len as usize + frames.len() > shmem::QUEUE_BYTES {
+    let too_large = frames.len() > shmem::QUEUE_BYTES || lines.len() > shmem::AUDIT_QUEUE_BYTES;
+    if sync
+        || m.pending_len as usize + frames.len() > shmem::QUEUE_BYTES
+        || m.audit_pending_len as usize + lines.len() > shmem::AUDIT_QUEUE_BYTES
+    {
         drain(s, m)?;
     }
-    if sync || frames.len() > shmem::QUEUE_BYTES {
+    if sync || too_large {
         flush_wal(lsn);
+        append_audit_lines(m, lines)?;
         storefile::append(&path(), frames)?;
         m.file_len += frames.len() as u64;
         m.dirty = true;
     } else {
-        let at = m.pending_len as usize;
-        shmem::queue_write(s, at, frames);
+        shmem::queue_write(s, m.pending_len as usize, frames);
         m.pending_len += frames.len() as u64;
+        shmem::audit_queue_write(s, m.audit_pending_len as usize, lines);
+        m.audit_pending_len += lines.len() as u64;
         m.pending_lsn = m.pending_lsn.max(lsn);
     }
     Ok(())
 }
 
-/// Appends the queued frames, after flushing the WAL that holds them.
+/// Appends audit log lines that bring the log up to the head in `m`.
+fn append_audit_lines(m: &mut StoreMeta, lines: &[u8]) -> Result<(), tde_core::keystore::StoreError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    storefile::append_or_create(&audit_path(), lines)?;
+    m.audit_file_seq = m.audit_seq;
+    m.dirty = true;
+    Ok(())
+}
+
+/// Appends `e` to the audit log unless the log has it already (redo after
+/// a crash that kept it); a gap before it (records lost with the file) is
+/// reported, and left for verification to find.
+fn ensure_audit_line(m: &mut StoreMeta, e: &Entry) -> Result<(), tde_core::keystore::StoreError> {
+    if e.seq <= m.audit_file_seq {
+        return Ok(());
+    }
+    if e.seq != m.audit_file_seq + 1 {
+        pgrx::warning!(
+            "tde: audit log \"{}\" ends at record {}, but the next record to append is {}",
+            audit_path().display(),
+            m.audit_file_seq,
+            e.seq
+        );
+    }
+    storefile::append_or_create(&audit_path(), e.to_line().as_bytes())?;
+    m.audit_file_seq = e.seq;
+    m.dirty = true;
+    Ok(())
+}
+
+/// Appends the queued audit lines and frames, after flushing the WAL that
+/// holds them.
 fn drain(s: &StoreLock, m: &mut StoreMeta) -> Result<(), tde_core::keystore::StoreError> {
-    if m.pending_len == 0 {
+    if m.pending_len == 0 && m.audit_pending_len == 0 {
         return Ok(());
     }
     flush_wal(m.pending_lsn);
+    let lines = shmem::audit_queue_read(s, m.audit_pending_len as usize);
+    append_audit_lines(m, &lines)?;
+    m.audit_pending_len = 0;
     let n = m.pending_len as usize;
     storefile::append(&path(), &shmem::queue_read(s, n))?;
     m.file_len += n as u64;
@@ -527,7 +744,12 @@ fn apply_to_table(x: &Exclusive, change: &Change) {
         Change::DestroyKeyVersion { .. } => {} // retired versions are not in the table
         Change::SetPhase { file, phase } => shmem::set_phase(x, file, phase_code(*phase)),
         Change::Rekey { .. } => {} // written by rekey / redo_rekey
-        Change::Init { .. } | Change::AddProvider(_) | Change::SetPrincipal(_) | Change::Checkpoint { .. } => {}
+        Change::Init { .. }
+        | Change::AddProvider(_)
+        | Change::SetPrincipal(_)
+        | Change::SetAuditKey { .. }
+        | Change::Audit { .. }
+        | Change::Checkpoint { .. } => {}
     }
 }
 
@@ -563,7 +785,7 @@ fn compact(s: &StoreLock, m: &StoreMeta) -> Result<(), TdeError> {
     let (snapshot, _) = storefile::encode_snapshot(&loaded.state, auth.as_ref());
     storefile::replace(&p, &snapshot)?;
     let fresh = storefile::parse(&snapshot, &p)?;
-    shmem::set_meta(s, &meta_of(&fresh));
+    shmem::set_meta(s, &meta_after_rewrite(&fresh, m));
     Ok(())
 }
 
@@ -601,6 +823,11 @@ pub fn checkpoint() -> Option<Record> {
             };
             if !compacted {
                 if let Err(e) = storefile::sync(&path()) {
+                    TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
+                }
+            }
+            if m.audit_file_seq > 0 {
+                if let Err(e) = storefile::sync(&audit_path()) {
                     TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
                 }
             }
@@ -661,6 +888,13 @@ pub fn redo(rec: &Record) {
                 change => redo_apply(s, m, rec, change),
             },
         }
+        if let Some(e) = audit_entry(&rec.change) {
+            let mut m = shmem::meta(s);
+            if let Err(err) = ensure_audit_line(&mut m, e) {
+                TdeError::from(err).raise();
+            }
+            shmem::set_meta(s, &m);
+        }
     })
 }
 
@@ -701,9 +935,20 @@ fn redo_apply(s: &StoreLock, m: StoreMeta, rec: &Record, change: &Change) {
     }
     after.file_len += bytes.len() as u64;
     after.dirty = true;
+    let audit_key = match change {
+        Change::SetAuditKey { wrapped } => {
+            let kek = shmem::kek().unwrap_or_else(|| refuse_store(shmem::state().1));
+            let blob = B64.decode(wrapped).unwrap_or_default();
+            Some(AuditKey::unwrap(&kek, &blob, &m.store_id()).unwrap_or_else(|_| {
+                refuse_store("the audit key in the WAL does not unwrap under this server's key-encryption key".into())
+            }))
+        }
+        _ => None,
+    };
     shmem::set_meta(s, &after);
-    shmem::with_exclusive(|x| match (change, &new_kek) {
-        (Change::SetPrincipal(_), Some(kek)) => shmem::set_unlocked(x, kek, &m.store_id()),
+    shmem::with_exclusive(|x| match (change, &new_kek, &audit_key) {
+        (Change::SetPrincipal(_), Some(kek), _) => shmem::set_unlocked(x, kek, &m.store_id()),
+        (Change::SetAuditKey { .. }, _, Some(k)) => shmem::set_audit_key(x, k),
         _ => apply_to_table(x, change),
     });
 }
@@ -723,8 +968,20 @@ fn redo_rekey(s: &StoreLock, m: StoreMeta, rec: &Record, principal: &tde_core::k
             "cannot replay a master-key rotation: the new master key is not available on this server (give it the new key and start it again): {e}"
         ))
     });
+    let audit_key = match &rec.change {
+        Change::Rekey { audit_key: Some(w), .. } => {
+            let blob = B64.decode(w).unwrap_or_default();
+            AuditKey::unwrap(&new_kek, &blob, &ks.store_id).unwrap_or_else(|_| {
+                refuse_store("cannot replay a master-key rotation: its audit key does not unwrap".into())
+            })
+        }
+        _ => match shmem::audit_key() {
+            Some(k) => k,
+            None => AuditKey::generate().unwrap_or_else(|_| TdeError::Crypto.raise()),
+        },
+    };
     ks.generation = m.generation;
-    if let Err(e) = write_rekeyed(s, ks, rec, &new_kek) {
+    if let Err(e) = write_rekeyed(s, ks, rec, &new_kek, &audit_key) {
         e.raise();
     }
 }
@@ -757,7 +1014,7 @@ pub fn remove_quietly(files: &[FileId]) {
                 bytes.extend_from_slice(&f);
                 after.last_tag = tag;
             }
-            queue_frames(s, &mut after, &bytes, 0, false)?;
+            queue_frames(s, &mut after, &bytes, &[], 0, false)?;
             Ok(after)
         })();
         match result {
@@ -804,6 +1061,23 @@ pub fn read_current() -> Result<Option<KeyStore>, TdeError> {
         })?;
     }
     read()
+}
+
+/// The audit log as it stands (queued records appended first, after a WAL
+/// flush), the head the key store holds, and the audit key if unlocked.
+pub fn read_audit_log() -> Result<(Vec<u8>, Head, Option<AuditKey>), TdeError> {
+    if !shmem::is_attached() {
+        return Err(TdeError::NotPreloaded);
+    }
+    shmem::with_store_lock(|s| {
+        let mut m = shmem::meta(s);
+        if m.exists && (m.pending_len > 0 || m.audit_pending_len > 0) {
+            drain(s, &mut m)?;
+            shmem::set_meta(s, &m);
+        }
+        let bytes = storefile::read(&audit_path())?.unwrap_or_default();
+        Ok((bytes, m.audit_head(), shmem::audit_key()))
+    })
 }
 
 /// Reads the whole key store for its providers and master key, which are

@@ -40,6 +40,7 @@ use pgrx::PgList;
 
 use tde_core::keystore::FileId;
 
+use crate::audit::{self, Op};
 use crate::error::{OrRaise, TdeError};
 use crate::keys;
 
@@ -221,8 +222,11 @@ type Rels = Vec<(pg_sys::Oid, FileId, bool)>;
 /// (encryption), the decrypting phase (decryption).  Each is kept as it is
 /// when an interrupted pass of the same kind left it.
 fn begin(relid: pg_sys::Oid, pass: Pass) -> (FileId, Rels) {
+    let object = audit::relation_name(relid);
     if pass == Pass::Decrypt && crate::gucs::ENFORCE_ENCRYPTION.get() {
-        TdeError::Enforced(format!("tde_decrypt_table would store {} unencrypted", relname(relid))).raise();
+        let why = format!("tde_decrypt_table would store {} unencrypted", relname(relid));
+        audit::refused(&object, &why);
+        TdeError::Enforced(why).raise();
     }
     let need_encrypted = pass != Pass::Encrypt;
     let (table_file, _) = lock_file(relid, need_encrypted);
@@ -234,13 +238,27 @@ fn begin(relid: pg_sys::Oid, pass: Pass) -> (FileId, Rels) {
         })
         .collect();
     let files: Vec<FileId> = rels.iter().map(|r| r.1).collect();
+    let started = vec![pass_entry(Op::ReencryptionStarted, &object, pass, files.len())];
     match pass {
-        Pass::Rotate => keys::begin_rotation(&files),
-        Pass::Encrypt => keys::begin_encryption(&files),
-        Pass::Decrypt => keys::set_phase(&files, tde_core::keystore::Phase::Decrypting),
+        Pass::Rotate => keys::begin_rotation(&files, &object, started),
+        Pass::Encrypt => keys::begin_encryption(&files, &object, started),
+        Pass::Decrypt => keys::set_phase(&files, tde_core::keystore::Phase::Decrypting, started),
     }
+    .map_err(|e| audit::failed(Op::ReencryptionStarted, &object, e))
     .or_raise();
     (table_file, rels)
+}
+
+/// The audit record of a pass starting or finishing.
+fn pass_entry(op: Op, object: &str, pass: Pass, nfiles: usize) -> audit::Entry {
+    let mut e = audit::entry(op, object, audit::Outcome::Ok);
+    let what = match pass {
+        Pass::Rotate => "tde_rotate_key",
+        Pass::Encrypt => "tde_encrypt_table",
+        Pass::Decrypt => "tde_decrypt_table",
+    };
+    e.detail = format!("{what}, {nfiles} relation file(s)");
+    e
 }
 
 /// Steps 3 and 4: rewrites every page, then, after a checkpoint, ends the
@@ -263,11 +281,14 @@ fn run(relid: pg_sys::Oid, pass: Pass, throttle: Throttle) -> u32 {
     // that durable, then no page is in the old form any more.
     crate::pg::request_checkpoint_and_wait();
     let files: Vec<FileId> = rels.iter().map(|r| r.1).collect();
+    let object = audit::relation_name(relid);
+    let finished = vec![pass_entry(Op::ReencryptionFinished, &object, pass, files.len())];
     match pass {
-        Pass::Rotate => keys::finish_rotation(&files),
-        Pass::Encrypt => keys::set_phase(&files, tde_core::keystore::Phase::Encrypted),
-        Pass::Decrypt => keys::remove_keys(&files),
+        Pass::Rotate => keys::finish_rotation(&files, &object, finished),
+        Pass::Encrypt => keys::set_phase(&files, tde_core::keystore::Phase::Encrypted, finished),
+        Pass::Decrypt => keys::remove_keys(&files, &object, finished),
     }
+    .map_err(|e| audit::failed(Op::ReencryptionFinished, &object, e))
     .or_raise();
     match pass {
         Pass::Rotate => {}
@@ -341,6 +362,8 @@ pub fn set_paused(relid: pg_sys::Oid, pause: bool) {
     if progress::set_paused(unsafe { pg_sys::MyDatabaseId }, relid, pause) == 0 {
         TdeError::Invalid(format!("no re-encryption of relation {} is running", relname(relid))).raise();
     }
+    let op = if pause { Op::ReencryptionPaused } else { Op::ReencryptionResumed };
+    audit::record(vec![audit::entry(op, &audit::relation_name(relid), audit::Outcome::Ok)]);
 }
 
 fn relname(relid: pg_sys::Oid) -> String {

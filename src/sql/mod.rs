@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
+use crate::audit::{self, Op};
 use crate::error::OrRaise;
 use crate::keys;
 
@@ -19,14 +20,16 @@ fn tde_version() -> &'static str {
 /// ({"variable": ...}).
 #[pg_extern(volatile)]
 fn tde_add_key_provider(name: &str, kind: &str, options: JsonB) {
-    keys::add_provider(name, kind, options.0).or_raise()
+    keys::add_provider(name, kind, options.0).map_err(|e| audit::failed(Op::ProviderAdded, name, e)).or_raise()
 }
 
 /// Makes `key_name` of `provider` the master key (creating it in a file
 /// keyring if needed); re-wraps the cluster's key-encryption key.
 #[pg_extern(volatile)]
 fn tde_set_master_key(provider: &str, key_name: &str) {
-    keys::set_master_key(provider, key_name).or_raise()
+    keys::set_master_key(provider, key_name)
+        .map_err(|e| audit::failed(Op::MasterKeySet, &format!("{provider}/{key_name}"), e))
+        .or_raise()
 }
 
 /// Moves to a new master key of the current provider (the file provider
@@ -35,7 +38,7 @@ fn tde_set_master_key(provider: &str, key_name: &str) {
 /// new master key's name.
 #[pg_extern(volatile)]
 fn tde_rotate_master_key() -> String {
-    keys::rotate_master_key().or_raise()
+    keys::rotate_master_key().map_err(|e| audit::failed(Op::MasterKeyRotated, "", e)).or_raise()
 }
 
 /// Whether the relation's data is encrypted.  Relations without storage
@@ -266,7 +269,75 @@ fn tde_key_inventory() -> TableIterator<
 )]
 fn tde_destroy_retired_keys(older_than: Interval) -> i32 {
     let secs = older_than.as_micros() / 1_000_000;
-    keys::destroy_retired(secs.clamp(0, i64::MAX as i128) as i64).or_raise() as i32
+    keys::destroy_retired(secs.clamp(0, i64::MAX as i128) as i64)
+        .map_err(|e| audit::failed(Op::KeyDestroyed, "", e))
+        .or_raise() as i32
+}
+
+/// The audit trail, one row per record, oldest first (the view
+/// tde_audit_log).  Records still queued are appended to the log first.
+// The row type is pgrx's named-column tuple, as for tde_keys().
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile)]
+fn tde_audit_log_rows() -> TableIterator<
+    'static,
+    (
+        name!(seq, i64),
+        name!(logged_at, TimestampWithTimeZone),
+        name!(role, String),
+        name!(database, String),
+        name!(operation, String),
+        name!(object, String),
+        name!(file, Option<String>),
+        name!(key_id, Option<i64>),
+        name!(key_version, Option<i32>),
+        name!(result, String),
+        name!(detail, Option<String>),
+        name!(keyed, bool),
+        name!(chain, String),
+    ),
+> {
+    let (bytes, _, _) = keys::audit_log().or_raise();
+    let (lines, _) = tde_core::audit::split_lines(&bytes);
+    let rows: Vec<_> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_slice::<audit::Entry>(l).ok())
+        .map(|e| {
+            let nonempty = |s: String| (!s.is_empty()).then_some(s);
+            (
+                e.seq as i64,
+                to_timestamp(e.time as f64 / 1e6),
+                e.role,
+                e.database,
+                e.op,
+                e.object,
+                nonempty(e.file),
+                e.key_id.map(|v| v as i64),
+                e.key_version.map(|v| v as i32),
+                e.result,
+                nonempty(e.detail),
+                e.keyed,
+                e.chain,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Verifies the whole audit trail: every record's chain value, their order,
+/// and that the log reaches the head the key store holds.  Each problem is
+/// reported as a WARNING; returns whether there was none.
+#[pg_extern(volatile)]
+fn tde_verify_audit_log() -> bool {
+    if keys::state().0 == keys::StoreState::Locked {
+        crate::error::TdeError::Locked(format!("cannot verify the audit trail: {}", keys::state().1)).raise();
+    }
+    let (bytes, head, key) = keys::audit_log().or_raise();
+    let report = tde_core::audit::verify(&bytes, key.as_ref(), &head, true);
+    for p in &report.problems {
+        pgrx::warning!("tde: audit trail: {p}");
+    }
+    report.ok()
 }
 
 /// The key store's state: 'empty' (no master key yet), 'unlocked', or

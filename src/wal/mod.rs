@@ -149,7 +149,9 @@ unsafe extern "C-unwind" fn desc(buf: pg_sys::StringInfo, record: *mut pg_sys::X
                 Change::RetireKeyVersion { file, version, .. } => format!("retire key version {version} of {file}"),
                 Change::DestroyKeyVersion { file, version, .. } => format!("destroy key version {version} of {file}"),
                 Change::SetPhase { file, phase } => format!("{file} is now {phase:?}"),
-                Change::Rekey { principal, keys } => format!(
+                Change::SetAuditKey { .. } => "set audit key".to_string(),
+                Change::Audit { entry } => format!("audit record {}: {} {}", entry.seq, entry.op, entry.result),
+                Change::Rekey { principal, keys, .. } => format!(
                     "new master key \"{}\" of provider \"{}\" and KEK, {} key versions re-wrapped",
                     principal.key_name,
                     principal.provider,

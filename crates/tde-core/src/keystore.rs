@@ -134,6 +134,35 @@ pub struct KeyStore {
     /// How many changes the store has taken (see [`Record`]): 1 after Init.
     #[serde(default)]
     pub generation: u64,
+    /// The audit trail's HMAC key, wrapped by the KEK, base64
+    /// ([`crate::audit`]); set with the first audit record after a master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key: Option<String>,
+    /// The audit trail's last record: the log must reach it.
+    #[serde(default, skip_serializing_if = "AuditHead::is_empty")]
+    pub audit_head: AuditHead,
+}
+
+/// The sequence number and chain value (hex) of the audit trail's last
+/// record, kept here because this file is authenticated: a log cut short no
+/// longer reaches it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub chain: String,
+}
+
+impl AuditHead {
+    pub fn is_empty(&self) -> bool {
+        self.seq == 0
+    }
+
+    fn advance(&mut self, e: &crate::audit::Entry) {
+        if e.seq > self.seq {
+            self.seq = e.seq;
+            self.chain = e.chain.clone();
+        }
+    }
 }
 
 /// A change to the key store.  This is also the payload of the WAL record.
@@ -170,6 +199,12 @@ pub enum Change {
     Rekey {
         principal: Principal,
         keys: Vec<Rewrapped>,
+        /// The audit key re-wrapped under the new KEK.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit_key: Option<String>,
+        /// The rotation's own audit record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit: Option<crate::audit::Entry>,
     },
     /// A file enters or leaves a phase of tde_encrypt_table /
     /// tde_decrypt_table.
@@ -183,6 +218,15 @@ pub enum Change {
         file: FileId,
         version: u32,
         destroyed_at: i64,
+    },
+    /// The audit trail's HMAC key, wrapped by the KEK (base64).
+    SetAuditKey {
+        wrapped: String,
+    },
+    /// One audit record, sealed (sequence number and chain value set).  The
+    /// store keeps only the head; the record itself goes to the audit log.
+    Audit {
+        entry: crate::audit::Entry,
     },
     /// Changes nothing: written at each checkpoint, it says which store (and,
     /// in its [`Record`], which generation) the checkpoint vouches for.
@@ -273,6 +317,8 @@ impl KeyStore {
             next_key_id: 1,
             keys: BTreeMap::new(),
             generation: 0,
+            audit_key: None,
+            audit_head: AuditHead::default(),
         }
     }
 
@@ -322,8 +368,14 @@ impl KeyStore {
                 e.created = *created;
                 e.wrapped = wrapped.clone();
             }
-            Change::Rekey { principal, keys } => {
+            Change::Rekey { principal, keys, audit_key, audit } => {
                 self.principal = Some(principal.clone());
+                if audit_key.is_some() {
+                    self.audit_key = audit_key.clone();
+                }
+                if let Some(e) = audit {
+                    self.audit_head.advance(e);
+                }
                 for r in keys {
                     let Some(e) = self.keys.get_mut(&r.file) else { continue };
                     if e.version == r.version {
@@ -359,6 +411,8 @@ impl KeyStore {
                     }
                 }
             }
+            Change::SetAuditKey { wrapped } => self.audit_key = Some(wrapped.clone()),
+            Change::Audit { entry } => self.audit_head.advance(entry),
             Change::Checkpoint { .. } => {}
         }
         Ok(())

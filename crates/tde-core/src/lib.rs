@@ -23,8 +23,10 @@
 //! `openssl speed -evp aes-256-xts`.
 
 #![forbid(unsafe_code)]
+pub mod audit;
 pub mod keystore;
 pub mod keytable;
+pub mod offline;
 pub mod page;
 pub mod policy;
 pub mod provider;

@@ -362,6 +362,27 @@ pub fn append(path: &Path, frames: &[u8]) -> Result<(), StoreError> {
     f.write_all(frames).map_err(io("append to", path))
 }
 
+/// [`append`], creating the file (mode 0600, never through a symlink) if
+/// it does not exist yet; a new file's directory entry is fsynced.
+pub fn append_or_create(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match append(path, bytes) {
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc_flags::O_NOFOLLOW)
+                .open(path)
+                .map_err(io("create", path))?;
+            f.write_all(bytes).map_err(io("append to", path))?;
+            let dir = path.parent().unwrap_or_else(|| Path::new("."));
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory of", path))
+        }
+        other => other,
+    }
+}
+
 /// Cuts a torn tail off before anything is appended after it.
 pub fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
