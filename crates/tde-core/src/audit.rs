@@ -163,7 +163,6 @@ pub struct Entry {
 
 impl Entry {
     /// A record not yet sealed (no sequence number or chain yet).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(time: i64, role: &str, database: &str, op: Op, object: &str, result: Outcome) -> Entry {
         Entry {
             seq: 0,
@@ -467,7 +466,8 @@ mod tests {
     #[test]
     fn every_field_edit_is_detected() {
         let (_, lines, head) = log(4);
-        let edits: Vec<Box<dyn Fn(&mut Entry)>> = vec![
+        type Edit = Box<dyn Fn(&mut Entry)>;
+        let edits: Vec<Edit> = vec![
             Box::new(|e| e.time += 1),
             Box::new(|e| e.role = "mallory".into()),
             Box::new(|e| e.database.push('x')),
