@@ -91,17 +91,24 @@ pub fn record(entries: Vec<Entry>) {
             Err(why) => pgrx::log!("tde: could not enter {} record(s) into the audit trail: {why}", entries.len()),
         }
     }
-    for e in &entries {
-        pgrx::log!("tde audit: seq=none {}", e.to_log().split_once(' ').map(|(_, r)| r).unwrap_or(""));
-    }
+    entries.iter().for_each(log_only);
 }
 
-/// Records that `op` on `object` failed with `err`, and returns `err`.
+/// Records that `op` on `object` failed with `err`, and returns `err`.  A
+/// key that did not unwrap (a locked store, a master key that does not
+/// open the KEK) is recorded as `unwrap_failed`.
 pub fn failed(op: Op, object: &str, err: TdeError) -> TdeError {
-    let mut e = entry(op, object, Outcome::Failed);
-    e.detail = err.to_string();
+    let unwrap = matches!(err, TdeError::Locked(_));
+    let mut e = entry(if unwrap { Op::UnwrapFailed } else { op }, object, Outcome::Failed);
+    e.detail = if unwrap { format!("{}: {err}", op.as_str()) } else { err.to_string() };
     record(vec![e]);
     err
+}
+
+/// An event that cannot enter the trail (the server is starting, the key
+/// store is locked): the server log only.
+pub fn log_only(e: &Entry) {
+    pgrx::log!("tde audit: seq=none {}", e.to_log().split_once(' ').map(|(_, r)| r).unwrap_or(""));
 }
 
 /// Records a refusal under tde.enforce_encryption.

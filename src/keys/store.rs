@@ -234,7 +234,11 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
         }
         Ok(())
     })?;
-    if let Some(Err(e)) = kek {
+    if let Some(Err(e)) = &kek {
+        let p = ks.principal.as_ref().map(|p| format!("{}/{}", p.provider, p.key_name)).unwrap_or_default();
+        let mut rec = crate::audit::entry(crate::audit::Op::UnwrapFailed, &p, crate::audit::Outcome::Failed);
+        rec.detail = format!("server start: {e}");
+        crate::audit::log_only(&rec);
         pgrx::warning!(
             "tde: cannot unlock the key store; encrypted relations are unreadable until the master key is available, and the key store is not authenticated until then: {e}"
         );
