@@ -14,6 +14,12 @@ pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(4096);
 /// Cryptoperiod of table keys, in seconds (0: off).
 pub static KEY_MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// Rotate keys older than tde.key_max_age automatically (the scheduler).
+pub static AUTO_ROTATE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// Seconds between two rounds of the re-encryption scheduler.
+pub static SCHEDULER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 /// Re-encryption throttling, in the style of vacuum_cost_delay/limit.
 pub static REENCRYPT_COST_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static REENCRYPT_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
@@ -44,6 +50,24 @@ pub fn init() {
         &KEY_MAX_AGE,
         0,
         i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"tde.auto_rotate",
+        c"Rotate table keys older than tde.key_max_age automatically.",
+        c"The re-encryption scheduler runs tde_rotate_key on each table with an overdue key, one table at a time, throttled by tde.reencrypt_cost_delay and tde.reencrypt_cost_limit.",
+        &AUTO_ROTATE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tde.scheduler_naptime",
+        c"Time between two rounds of the re-encryption scheduler.",
+        c"Each round finishes interrupted re-encryption passes, warns about overdue keys (once a day each) and, with tde.auto_rotate, rotates them.",
+        &SCHEDULER_NAPTIME,
+        1,
+        86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

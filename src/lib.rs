@@ -54,6 +54,7 @@ pub extern "C-unwind" fn _PG_init() {
     smgr::init();
     hooks::init();
     audit::init();
+    reencrypt::scheduler::register();
 }
 
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;

@@ -366,6 +366,25 @@ pub fn attach_shmem(max_keys: u32, cache_size: u32) {
     }
 }
 
+/// Every key of the shared table with its rotation and phase state, for
+/// the re-encryption scheduler (database `db` only, if given).
+pub fn key_states(db: Option<u32>) -> Vec<tde_core::schedule::KeyState> {
+    shmem::list()
+        .into_iter()
+        .filter(|k| db.is_none_or(|d| k.file.db == d))
+        .filter_map(|k| {
+            shmem::entry(&k.file).map(|e| tde_core::schedule::KeyState {
+                file: k.file,
+                key_id: k.key_id,
+                version: k.version,
+                created: k.created,
+                previous_live: e.previous.is_some(),
+                phase: e.phase,
+            })
+        })
+        .collect()
+}
+
 /// The key cache's size and counters.
 pub fn cache_stats() -> CacheStats {
     shmem::cache_stats()

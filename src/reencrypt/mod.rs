@@ -33,6 +33,7 @@
 //! becomes tde_heap (or heap), so that later rewrites keep the result.
 
 pub mod progress;
+pub mod scheduler;
 mod worker;
 
 use pgrx::pg_sys;
@@ -249,6 +250,11 @@ fn begin(relid: pg_sys::Oid, pass: Pass) -> (FileId, Rels) {
     (table_file, rels)
 }
 
+thread_local! {
+    /// Why the scheduler runs the current pass (empty: a user asked).
+    static SCHEDULED: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// The audit record of a pass starting or finishing.
 fn pass_entry(op: Op, object: &str, pass: Pass, nfiles: usize) -> audit::Entry {
     let mut e = audit::entry(op, object, audit::Outcome::Ok);
@@ -257,8 +263,21 @@ fn pass_entry(op: Op, object: &str, pass: Pass, nfiles: usize) -> audit::Entry {
         Pass::Encrypt => "tde_encrypt_table",
         Pass::Decrypt => "tde_decrypt_table",
     };
-    e.detail = format!("{what}, {nfiles} relation file(s)");
+    let why = SCHEDULED.with(|s| s.borrow().clone());
+    e.detail = if why.is_empty() {
+        format!("{what}, {nfiles} relation file(s)")
+    } else {
+        format!("{what}, {nfiles} relation file(s), by the scheduler: {why}")
+    };
     e
+}
+
+/// A pass the scheduler runs (scheduler.rs), with the reason it gives in
+/// the audit trail.
+fn run_scheduled(relid: pg_sys::Oid, pass: Pass, throttle: Throttle, why: &str) {
+    SCHEDULED.with(|s| *s.borrow_mut() = why.to_string());
+    run(relid, pass, throttle);
+    SCHEDULED.with(|s| s.borrow_mut().clear());
 }
 
 /// Steps 3 and 4: rewrites every page, then, after a checkpoint, ends the
@@ -345,6 +364,8 @@ pub fn encrypt(relid: pg_sys::Oid, pass: Pass, throttle: Throttle) {
 /// ends).
 pub fn in_background(relid: pg_sys::Oid, pass: Pass) -> u32 {
     let (table_file, _) = begin(relid, pass);
+    // SAFETY: plain read of a process global.
+    progress::claim(unsafe { pg_sys::MyDatabaseId }, relid);
     worker::launch(relid, pass, Throttle::from_gucs());
     keys::current_version(&table_file).unwrap_or(0)
 }

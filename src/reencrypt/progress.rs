@@ -116,6 +116,41 @@ fn with_slots<R>(write: bool, f: impl FnOnce(&mut [Slot]) -> R) -> R {
     }
 }
 
+/// How long a claim (a background pass asked for, its worker not started
+/// yet) holds, in microseconds.
+const CLAIM_USECS: i64 = 60_000_000;
+
+/// A claim is a slot with pid 0; it lapses after CLAIM_USECS, or when the
+/// pass it announced takes its own slots.
+fn lapsed(s: &Slot, now: i64) -> bool {
+    s.pid == 0 && now - s.started_at > CLAIM_USECS
+}
+
+/// Announces a background pass over `table` before its worker runs: the
+/// view shows it waiting, and the scheduler (scheduler.rs) leaves the
+/// table alone.
+pub fn claim(db: pg_sys::Oid, table: pg_sys::Oid) {
+    // SAFETY: a plain call.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    with_slots(true, |slots| {
+        if let Some(s) = slots.iter_mut().find(|s| s.state == 0 || lapsed(s, now)) {
+            *s = Slot {
+                state: State::Waiting as u32,
+                pause: 0,
+                pid: 0,
+                db,
+                table,
+                rel: table,
+                fork: 0,
+                target_version: 0,
+                blocks_done: 0,
+                blocks_total: 0,
+                started_at: now,
+            };
+        }
+    });
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
@@ -133,7 +168,8 @@ pub fn begin(db: pg_sys::Oid, table: pg_sys::Oid, rels: &[(pg_sys::Oid, u32)]) -
     let (pid, now) = unsafe { (pg_sys::MyProcPid, pg_sys::GetCurrentTimestamp()) };
     let taken = with_slots(true, |slots| {
         for s in slots.iter_mut() {
-            if s.state != 0 && !alive(s.pid) {
+            let claim_of_this = s.pid == 0 && s.db == db && s.table == table;
+            if s.state != 0 && (claim_of_this || lapsed(s, now) || (s.pid != 0 && !alive(s.pid))) {
                 s.state = 0;
             }
         }
@@ -205,10 +241,12 @@ pub fn set_paused(db: pg_sys::Oid, table: pg_sys::Oid, pause: bool) -> usize {
 
 /// Every running pass's slots.
 pub fn list() -> Vec<Row> {
+    // SAFETY: a plain call.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
     with_slots(false, |slots| {
         slots
             .iter()
-            .filter(|s| s.state != 0)
+            .filter(|s| s.state != 0 && !lapsed(s, now))
             .map(|s| Row {
                 db: s.db,
                 table: s.table,

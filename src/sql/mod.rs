@@ -184,7 +184,7 @@ fn tde_reencryption_progress_rows() -> TableIterator<
         name!(blocks_total, i64),
         name!(state, &'static str),
         name!(started_at, TimestampWithTimeZone),
-        name!(pid, i32),
+        name!(pid, Option<i32>),
     ),
 > {
     // SAFETY: plain read of a process global.
@@ -209,7 +209,8 @@ fn tde_reencryption_progress_rows() -> TableIterator<
                 r.blocks_total as i64,
                 r.state.name(),
                 started,
-                r.pid,
+                // None: a background pass asked for, its worker not yet running.
+                (r.pid != 0).then_some(r.pid),
             )
         })
         .collect();

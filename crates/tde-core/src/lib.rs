@@ -30,6 +30,7 @@ pub mod offline;
 pub mod page;
 pub mod policy;
 pub mod provider;
+pub mod schedule;
 pub mod secret;
 pub mod storefile;
 pub mod wrap;
