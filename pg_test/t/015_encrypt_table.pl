@@ -16,7 +16,9 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TdeTest;
 
-my $node = new_node('et');
+# The scheduler (018_scheduler.pl) would finish interrupted passes on its
+# own; here they are finished by calling the function again.
+my $node = new_node('et', conf => "tde.scheduler_naptime = '1h'\n");
 $node->start;
 configure_keys($node);
 $node->safe_psql('postgres', q{

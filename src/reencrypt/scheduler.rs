@@ -64,6 +64,10 @@ pub fn register() {
 #[no_mangle]
 pub extern "C-unwind" fn tde_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // The first round comes one naptime after start (as autovacuum's),
+    // not at once: the latch is set when the process starts.
+    // SAFETY: this process's own latch.
+    unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
     let mut warnings = Warnings::default();
     let mut workers: HashMap<u32, DynamicBackgroundWorker> = HashMap::new();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(gucs::SCHEDULER_NAPTIME.get().max(1) as u64))) {
