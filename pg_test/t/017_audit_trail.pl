@@ -134,6 +134,7 @@ my %tamper = (
 	'a record is deleted' => sub { my @r = @rec; splice(@r, 4, 1); join '', @r },
 	'two records are swapped' => sub { my @r = @rec; @r[3, 4] = @r[4, 3]; join '', @r },
 	'the tail is truncated' => sub { join '', @rec[ 0 .. $#rec - 2 ] },
+	'the last record is garbled' => sub { my @r = @rec; $r[-1] = "not a record\n"; join '', @r },
 );
 for my $what (sort keys %tamper)
 {

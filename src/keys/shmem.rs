@@ -701,44 +701,43 @@ pub fn set_meta(_s: &StoreLock, m: &StoreMeta) {
     });
 }
 
-fn queue_ptr() -> *mut u8 {
-    // SAFETY: QUEUE_BYTES at queue_offset() lie inside our region (size()).
-    unsafe { (h() as *mut u8).add(queue_offset((*h()).max_keys, (*h()).ncache)) }
+/// The two queues of bytes waiting for their WAL to be flushed
+/// (keys/store.rs): key store frames, and audit log lines.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Frames,
+    Audit,
 }
 
-/// Copies `bytes` into the queue of frames not yet appended to the file,
-/// at offset `at`.  Only the store lock holder uses the queue.
-pub fn queue_write(_s: &StoreLock, at: usize, bytes: &[u8]) {
-    assert!(at + bytes.len() <= QUEUE_BYTES, "key store queue overflow");
+/// Where a queue starts, and its size.
+fn queue_region(q: Queue) -> (*mut u8, usize) {
+    // SAFETY: the frame queue (QUEUE_BYTES) then the audit queue
+    // (AUDIT_QUEUE_BYTES) lie at queue_offset() inside our region (size()).
+    unsafe {
+        let frames = (h() as *mut u8).add(queue_offset((*h()).max_keys, (*h()).ncache));
+        match q {
+            Queue::Frames => (frames, QUEUE_BYTES),
+            Queue::Audit => (frames.add(QUEUE_BYTES), AUDIT_QUEUE_BYTES),
+        }
+    }
+}
+
+/// Copies `bytes` into queue `q` at offset `at`.  Only the store lock
+/// holder uses the queues.
+pub fn queue_write(_s: &StoreLock, q: Queue, at: usize, bytes: &[u8]) {
+    let (ptr, len) = queue_region(q);
+    assert!(at + bytes.len() <= len, "key store queue overflow");
     // SAFETY: in bounds (checked above); the store lock, held, serialises
     // every access to the queue; `bytes` is not in the queue.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), queue_ptr().add(at), bytes.len()) };
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.add(at), bytes.len()) };
 }
 
-/// The first `n` bytes of the queue.
-pub fn queue_read(_s: &StoreLock, n: usize) -> Vec<u8> {
-    assert!(n <= QUEUE_BYTES, "key store queue overflow");
+/// The first `n` bytes of queue `q`.
+pub fn queue_read(_s: &StoreLock, q: Queue, n: usize) -> Vec<u8> {
+    let (ptr, len) = queue_region(q);
+    assert!(n <= len, "key store queue overflow");
     // SAFETY: in bounds; the store lock, held, serialises access.
-    unsafe { std::slice::from_raw_parts(queue_ptr(), n) }.to_vec()
-}
-
-fn audit_queue_ptr() -> *mut u8 {
-    // SAFETY: AUDIT_QUEUE_BYTES after the frame queue lie inside our region.
-    unsafe { queue_ptr().add(QUEUE_BYTES) }
-}
-
-/// Copies audit log lines into their queue at offset `at` (store lock).
-pub fn audit_queue_write(_s: &StoreLock, at: usize, bytes: &[u8]) {
-    assert!(at + bytes.len() <= AUDIT_QUEUE_BYTES, "audit queue overflow");
-    // SAFETY: in bounds (checked above); the store lock serialises access.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), audit_queue_ptr().add(at), bytes.len()) };
-}
-
-/// The first `n` bytes of the audit queue.
-pub fn audit_queue_read(_s: &StoreLock, n: usize) -> Vec<u8> {
-    assert!(n <= AUDIT_QUEUE_BYTES, "audit queue overflow");
-    // SAFETY: in bounds; the store lock, held, serialises access.
-    unsafe { std::slice::from_raw_parts(audit_queue_ptr(), n) }.to_vec()
+    unsafe { std::slice::from_raw_parts(ptr, n) }.to_vec()
 }
 
 /// The audit trail's key, if the store is unlocked and has one.

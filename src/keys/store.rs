@@ -39,7 +39,7 @@ use tde_core::secret::{TableKey, WrapKey};
 use tde_core::storefile::{self, AuthKey, Loaded};
 use tde_core::wrap::WRAPPED_TABLE_KEY_LEN;
 
-use super::shmem::{self, Exclusive, KeyInfo, StoreLock, StoreMeta};
+use super::shmem::{self, Exclusive, KeyInfo, Queue, StoreLock, StoreMeta};
 use crate::error::TdeError;
 use crate::wal;
 
@@ -161,16 +161,29 @@ fn unwrap_audit_key(ks: &KeyStore, kek: &WrapKey) -> Result<Option<AuditKey>, Td
 
 /// Finds where the audit log ends (its last complete record), cutting off
 /// a torn last line that a crash left: recovery appends that record again.
-fn open_audit_log() -> Result<u64, TdeError> {
+/// A last record that does not parse (an edit) does not stop the server:
+/// `head` (the key store's) is taken instead, and verification reports it.
+fn open_audit_log(head: u64) -> Result<u64, TdeError> {
     let p = audit_path();
-    let Some(bytes) = storefile::read(&p)? else { return Ok(0) };
-    let (_, torn) = audit_log::split_lines(&bytes);
-    if torn > 0 {
-        pgrx::log!("tde: audit log \"{}\": dropping a torn last line of {torn} bytes", p.display());
-        storefile::truncate(&p, (bytes.len() - torn) as u64)?;
+    let io = |source| TdeError::Store(tde_core::keystore::StoreError::Io { what: "read", path: p.clone(), source });
+    let (seq, end) = match audit_log::read_end(&p) {
+        Ok(None) => return Ok(0),
+        Ok(Some(x)) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            pgrx::warning!(
+                "tde: audit log \"{}\": the last record is unreadable ({e}); tde_verify_audit_log() will report it",
+                p.display()
+            );
+            return Ok(head);
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let len = std::fs::metadata(&p).map_err(io)?.len();
+    if len > end {
+        pgrx::log!("tde: audit log \"{}\": dropping a torn last line of {} bytes", p.display(), len - end);
+        storefile::truncate(&p, end)?;
     }
-    audit_log::last_seq(&bytes[..bytes.len() - torn])
-        .map_err(|why| TdeError::Store(tde_core::keystore::StoreError::Corrupt { path: p, why }))
+    Ok(seq)
 }
 
 /// Reads, checks and authenticates the file, then fills the table from it.
@@ -213,7 +226,7 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
         },
     };
     let mut m = meta_of(&loaded);
-    m.audit_file_seq = open_audit_log()?;
+    m.audit_file_seq = open_audit_log(m.audit_seq)?;
     shmem::set_meta(s, &m);
     let audit_key = match &kek {
         Some(Ok(k)) => unwrap_audit_key(ks, k)?,
@@ -254,7 +267,7 @@ pub fn load_at_startup() {
         match storefile::read(&path())? {
             None => {
                 let mut m = StoreMeta::NONE;
-                m.audit_file_seq = open_audit_log()?;
+                m.audit_file_seq = open_audit_log(0)?;
                 shmem::set_meta(s, &m);
                 shmem::with_exclusive(shmem::set_empty);
                 Ok(())
@@ -670,9 +683,9 @@ fn queue_frames(
         m.file_len += frames.len() as u64;
         m.dirty = true;
     } else {
-        shmem::queue_write(s, m.pending_len as usize, frames);
+        shmem::queue_write(s, Queue::Frames, m.pending_len as usize, frames);
         m.pending_len += frames.len() as u64;
-        shmem::audit_queue_write(s, m.audit_pending_len as usize, lines);
+        shmem::queue_write(s, Queue::Audit, m.audit_pending_len as usize, lines);
         m.audit_pending_len += lines.len() as u64;
         m.pending_lsn = m.pending_lsn.max(lsn);
     }
@@ -718,11 +731,11 @@ fn drain(s: &StoreLock, m: &mut StoreMeta) -> Result<(), tde_core::keystore::Sto
         return Ok(());
     }
     flush_wal(m.pending_lsn);
-    let lines = shmem::audit_queue_read(s, m.audit_pending_len as usize);
+    let lines = shmem::queue_read(s, Queue::Audit, m.audit_pending_len as usize);
     append_audit_lines(m, &lines)?;
     m.audit_pending_len = 0;
     let n = m.pending_len as usize;
-    storefile::append(&path(), &shmem::queue_read(s, n))?;
+    storefile::append(&path(), &shmem::queue_read(s, Queue::Frames, n))?;
     m.file_len += n as u64;
     m.pending_len = 0;
     m.pending_lsn = 0;

@@ -316,6 +316,36 @@ pub fn last_seq(bytes: &[u8]) -> Result<u64, String> {
     }
 }
 
+/// The end of a log file without reading all of it: the sequence number of
+/// its last complete record, and the length of the file up to the end of
+/// that record (a torn last line, left by a crash, lies beyond it).  None
+/// if there is no file.
+pub fn read_end(path: &std::path::Path) -> std::io::Result<Option<(u64, u64)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let mut chunk = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(chunk);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        f.by_ref().take(len - start).read_to_end(&mut buf)?;
+        let (lines, torn) = split_lines(&buf);
+        // A complete last line needs the newline before it in the chunk too
+        // (or the chunk to start the file).
+        let whole = start == 0 || lines.len() >= 2;
+        if whole {
+            let seq = last_seq(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            return Ok(Some((seq, len - torn as u64)));
+        }
+        chunk *= 4;
+    }
+}
+
 /// What a verification found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Report {
@@ -546,6 +576,24 @@ mod tests {
         // An unkeyed prefix verifies without a key.
         let r = verify(lines[0].as_bytes(), None, &log(1).2, true);
         assert!(r.ok(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn read_end_finds_the_last_record_without_reading_everything() {
+        let dir = std::env::temp_dir().join(format!("tde-audit-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("audit.log");
+        assert_eq!(read_end(&p).unwrap(), None);
+        let (bytes, _, _) = log(2000); // well over one 64 kB chunk
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(read_end(&p).unwrap(), Some((2000, bytes.len() as u64)));
+        let mut torn = bytes.clone();
+        torn.extend_from_slice(b"{\"seq\":2001,\"ti");
+        std::fs::write(&p, &torn).unwrap();
+        assert_eq!(read_end(&p).unwrap(), Some((2000, bytes.len() as u64)));
+        std::fs::write(&p, b"").unwrap();
+        assert_eq!(read_end(&p).unwrap(), Some((0, 0)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
