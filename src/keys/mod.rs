@@ -40,6 +40,11 @@ fn audited(entry: Entry) -> (Change, Secret) {
     (Change::Audit { entry }, Secret::None)
 }
 
+/// The files of `files` that have a key, with their key's table entry.
+fn with_keys(files: &[FileId]) -> impl Iterator<Item = (FileId, shmem::EntryInfo)> + '_ {
+    files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e)))
+}
+
 /// Whether the cluster has a key store (and so an audit trail) yet.
 pub fn store_exists() -> bool {
     shmem::is_attached() && shmem::with_store_lock(|s| shmem::meta(s).exists)
@@ -234,7 +239,7 @@ pub fn set_phase(files: &[FileId], phase: Phase, extra: Vec<Entry>) -> Result<()
 pub fn remove_keys(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|_| {
         let mut changes = Vec::new();
-        for (file, e) in files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e))) {
+        for (file, e) in with_keys(files) {
             changes.push((Change::RemoveKey { file }, Secret::None));
             changes.push(audited(audit::key_entry(Op::KeyRemoved, object, file, e.key_id, e.version)));
         }
@@ -248,7 +253,7 @@ pub fn remove_keys(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<
 pub fn finish_rotation(files: &[FileId], object: &str, extra: Vec<Entry>) -> Result<(), TdeError> {
     store::commit(|_| {
         let mut changes = Vec::new();
-        for (file, e) in files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e))) {
+        for (file, e) in with_keys(files) {
             let Some(version) = e.previous else { continue };
             changes.push((Change::RetireKeyVersion { file, version, retired_at: now() }, Secret::None));
             changes.push(audited(audit::key_entry(Op::KeyRetired, object, file, e.key_id, version)));
@@ -465,7 +470,7 @@ pub fn forget_database(db: u32) {
     }
     let logged = store::commit(|_| {
         let mut changes = Vec::new();
-        for (file, e) in files.iter().filter_map(|f| shmem::entry(f).map(|e| (*f, e))) {
+        for (file, e) in with_keys(&files) {
             changes.push((Change::RemoveKey { file }, Secret::None));
             let mut rec = audit::key_entry(Op::KeyRemoved, "", file, e.key_id, e.version);
             rec.detail = format!("DROP DATABASE of database {db}");
