@@ -102,6 +102,7 @@ REVOKE ALL ON tde_keys FROM PUBLIC;
 REVOKE ALL ON tde_status FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_audit_log_rows() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_verify_audit_log() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_verify_key() FROM PUBLIC;
 REVOKE ALL ON tde_audit_log FROM PUBLIC;
 
 -- tde_admin: may rotate table keys, destroy retired ones, watch and pause
@@ -119,6 +120,6 @@ GRANT EXECUTE ON FUNCTION tde_is_encrypted(regclass), tde_keys(), tde_key_store_
     tde_rotate_key(regclass, boolean), tde_reencrypt_pause(regclass), tde_reencrypt_resume(regclass),
     tde_encrypt_table(regclass, boolean), tde_decrypt_table(regclass, boolean),
     tde_reencryption_progress_rows(), tde_key_inventory(), tde_destroy_retired_keys(interval),
-    tde_audit_log_rows(), tde_verify_audit_log()
+    tde_audit_log_rows(), tde_verify_audit_log(), tde_verify_key()
   TO tde_admin;
 GRANT SELECT ON tde_status, tde_keys, tde_reencryption_progress, tde_audit_log TO tde_admin;

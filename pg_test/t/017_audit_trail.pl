@@ -165,4 +165,18 @@ IPC::Run::run([ $checker, $primary->data_dir, '--provider-options', qq({"path": 
 is($? >> 8, 0, 'given the moved keyring, it can') or diag($out2 . $err2);
 rename($moved, $ring) or die "rename: $!";
 
+# tde_verify_key(): the master key works right now, or says why not.
+$primary->start;
+is($primary->safe_psql('postgres', 'SELECT tde_verify_key()'), 't', 'tde_verify_key() is true with the keyring in place');
+rename($ring, $moved) or die "rename: $!";
+my ($r, $o, $e) = $primary->psql('postgres', 'SELECT tde_verify_key()');
+is($o, 'f', 'false with the keyring gone');
+like($e, qr/WARNING:  tde: the master key cannot be used: /, 'with a WARNING saying why');
+is($primary->safe_psql('postgres', "SELECT result FROM tde_audit_log WHERE operation = 'unwrap_failed' ORDER BY seq DESC LIMIT 1"), 'failed',
+	'and an unwrap_failed record in the audit trail');
+rename($moved, $ring) or die "rename: $!";
+is($primary->safe_psql('postgres', 'SELECT tde_verify_key()'), 't', 'true again once the keyring is back');
+is($primary->safe_psql('postgres', 'SELECT tde_verify_audit_log()'), 't', 'and the trail verifies');
+$primary->stop;
+
 done_testing();

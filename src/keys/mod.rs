@@ -513,6 +513,7 @@ pub fn rotate_master_key() -> Result<String, TdeError> {
         let new_kek = WrapKey::generate().map_err(|_| TdeError::Crypto)?;
         let name = rotated_name(&p.key_name);
         prov.ensure_key(&name)?;
+        provider::verify(prov.as_ref(), &name)?;
         let wrapped_kek = prov.wrap(&name, &new_kek, &kek_aad(&ks.store_id, &p.provider, &name))?;
         let mut keys = Vec::new();
         for e in ks.keys.values() {
@@ -536,6 +537,28 @@ pub fn rotate_master_key() -> Result<String, TdeError> {
         Ok((Change::Rekey { principal, keys, audit_key: None, audit: Some(rec) }, new_kek))
     })?;
     Ok(new_name)
+}
+
+/// tde_verify_key(): the current master key works right now -- a fresh key
+/// wrapped and unwrapped through its provider -- and is this store's: it
+/// unwraps the stored KEK to the KEK in use.  Returns the master key's
+/// `provider/key name`.
+pub fn verify_master_key() -> Result<String, TdeError> {
+    let ks = store::read()?.ok_or(TdeError::NoMasterKey)?;
+    let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
+    let name = format!("{}/{}", p.provider, p.key_name);
+    let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
+    let prov = provider::from_config(&entry.kind, &entry.options)?;
+    provider::verify(prov.as_ref(), &p.key_name)?;
+    let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
+    let kek = prov.unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))?;
+    match shmem::kek() {
+        Some(k) if k.expose() == kek.expose() => Ok(name),
+        Some(_) => {
+            Err(TdeError::Locked(format!("master key {name} unwraps a key-encryption key other than the one in use")))
+        }
+        None => Err(TdeError::Locked(shmem::state().1)),
+    }
 }
 
 /// tde_add_key_provider(): validates and records a provider.
@@ -576,6 +599,7 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
         // Provider calls happen here: under the store lock, which serialises
         // key store changes, but not the table lock that lookups need.
         prov.ensure_key(key_name)?;
+        provider::verify(prov.as_ref(), key_name)?;
         let kek = match (shmem::state().0, shmem::kek()) {
             (_, Some(k)) => k,
             (shmem::StoreState::Locked, None) => return Err(TdeError::Locked(shmem::state().1)),

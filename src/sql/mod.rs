@@ -41,6 +41,22 @@ fn tde_rotate_master_key() -> String {
     keys::rotate_master_key().map_err(|e| audit::failed(Op::MasterKeyRotated, "", e)).or_raise()
 }
 
+/// Checks that the current master key works right now (a wrap and an
+/// unwrap through its provider) and unwraps this cluster's key-encryption
+/// key.  False, with a WARNING saying why (and an unwrap_failed record in
+/// the audit trail), if not.
+#[pg_extern(volatile)]
+fn tde_verify_key() -> bool {
+    match keys::verify_master_key() {
+        Ok(_) => true,
+        Err(e) => {
+            let e = audit::failed(Op::UnwrapFailed, "", e);
+            pgrx::warning!("tde: the master key cannot be used: {e}");
+            false
+        }
+    }
+}
+
 /// Whether the relation's data is encrypted.  Relations without storage
 /// (partitioned tables) report whether they use tde_heap.
 #[pg_extern(
