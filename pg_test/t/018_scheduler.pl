@@ -72,6 +72,24 @@ is($node->safe_psql('postgres', "SELECT count(*) > 0 FROM tde_audit_log WHERE op
 is($node->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE 'SCHED-SECRET-%'"), '20000', 'every row reads back');
 is($node->safe_psql('postgres', 'SELECT tde_verify_audit_log()'), 't', 'the audit trail verifies');
 
+# ---- a cancelled pass ----------------------------------------------------------
+my $finished = q{SELECT count(*) FROM tde_audit_log WHERE operation = 'reencryption_finished' AND detail LIKE '%by the scheduler: finishing an interrupted key rotation%'};
+my $n_fin = $node->safe_psql('postgres', $finished);
+my $vc = $node->safe_psql('postgres', "SELECT max(version) FROM tde_keys WHERE relation = 't'::regclass");
+my $bg = $node->background_psql('postgres', on_error_stop => 0);
+$bg->query_until(qr/go/, q{\echo go
+SET tde.reencrypt_cost_delay = 100; SET tde.reencrypt_cost_limit = 10;
+SELECT tde_rotate_key('t');
+});
+is(wait_for($node, q{SELECT count(*) > 0 FROM tde_reencryption_progress WHERE blocks_done > 0 AND pid IS NOT NULL}, 't'), 't',
+	'a throttled rotation runs in a session');
+$node->safe_psql('postgres', 'SELECT pg_cancel_backend(pid) FROM tde_reencryption_progress LIMIT 1');
+$bg->quit;
+my $vn = $vc + 1;
+is(wait_for($node, "SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM tde_keys WHERE relation = 't'::regclass AND version >= $vc", "$vc:retired,$vn:active"),
+	"$vc:retired,$vn:active", 'cancelled half-way, it is finished by the scheduler');
+is($node->safe_psql('postgres', $finished), $n_fin + 1, 'which says so in the audit trail');
+
 # ---- promotion in the middle of a pass ---------------------------------------------
 $node->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('sched_standby');
