@@ -78,6 +78,31 @@ ok($frames[0]{kind} eq 'snapshot' && $frames[0]{keyed}, 'the snapshot is authent
 my @rels = keystore_key_rels($store);
 is(scalar(@rels), $node->safe_psql('postgres', 'SELECT count(*) FROM tde_keys()'), 'the snapshot holds every key');
 
+# ---- Compaction while keys keep changing ---------------------------------------
+# Compaction writes the new snapshot without the store lock; frames appended
+# meanwhile are re-chained after it.  Tables are created (and dropped) by two
+# clients while checkpoints compact.
+my $logpos = -s $node->logfile;
+my ($h, $out, $err) = start_load($node, 30,
+	"CREATE TABLE IF NOT EXISTS churn_:client_id (i int) USING tde_heap;\nDROP TABLE IF EXISTS churn_:client_id;\n");
+my $rounds = 0;
+while ($rounds < 12 && $h->pumpable)
+{
+	$node->safe_psql('postgres', join("\n", map { "CREATE TABLE bulk_${rounds}_$_ (i int) USING tde_heap;" } 1 .. 100) . "\nCHECKPOINT");
+	$rounds++;
+	$h->pump_nb;
+}
+my $load_ran = $h->pumpable;
+$h->kill_kill;
+is($rounds, 12, 'twelve checkpoints ran while two clients created and dropped encrypted tables');
+ok($load_ran, 'and the load was still running after the last one') or diag($$err);
+unlike(slurp_file($node->logfile, $logpos), qr/compaction skipped|PANIC/, 'no compaction was skipped or failed');
+my $n_keys = $node->safe_psql('postgres', 'SELECT count(*) FROM tde_keys()');
+$node->restart;
+is($node->safe_psql('postgres', 'SELECT count(*) FROM tde_keys()'), $n_keys, 'after a restart the store holds every key (authenticated, re-chained frames)');
+my @all = keystore_key_rels($store);
+is(scalar(@all), $n_keys, 'and the file lists them all');
+
 # ---- kill -9 after new keys, no checkpoint in between --------------------------
 $node->safe_psql('postgres', q{
 	CREATE TABLE late (id int PRIMARY KEY, v text) USING tde_heap;

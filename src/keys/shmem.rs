@@ -96,6 +96,9 @@ pub struct StoreMeta {
     pub audit_chain: [u8; CHAIN_LEN],
     pub audit_file_seq: u64,
     pub audit_pending_len: u64,
+    /// How often the file was replaced whole (compaction, master-key
+    /// rotation): a compaction planned before a replacement is abandoned.
+    pub rewrites: u64,
 }
 
 impl StoreMeta {
@@ -116,6 +119,7 @@ impl StoreMeta {
         audit_chain: [0; CHAIN_LEN],
         audit_file_seq: 0,
         audit_pending_len: 0,
+        rewrites: 0,
     };
 
     pub fn audit_head(&self) -> Head {

@@ -147,6 +147,7 @@ fn meta_after_rewrite(l: &Loaded, before: &StoreMeta) -> StoreMeta {
     let mut m = meta_of(l);
     m.audit_file_seq = before.audit_file_seq;
     m.audit_pending_len = before.audit_pending_len;
+    m.rewrites = before.rewrites + 1;
     m
 }
 
@@ -819,40 +820,106 @@ pub fn checkpoint() -> Option<Record> {
     if !shmem::is_attached() {
         return None;
     }
-    shmem::with_store_lock(|s| {
+    let (rec, plan) = shmem::with_store_lock(|s| {
         let mut m = shmem::meta(s);
         if !m.exists {
-            return None;
+            return (None, None);
+        }
+        if let Err(e) = drain(s, &mut m) {
+            TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
+        }
+        if m.dirty {
+            for p in [Some(path()), (m.audit_file_seq > 0).then(audit_path)].into_iter().flatten() {
+                if let Err(e) = storefile::sync(&p) {
+                    TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
+                }
+            }
+            m.dirty = false;
+        }
+        shmem::set_meta(s, &m);
+        let auth = if m.has_principal { shmem::auth_key() } else { None };
+        let plan = (should_compact(&m) && (auth.is_some() || !m.has_principal)).then(|| Compaction {
+            cut: m.file_len,
+            last_tag: m.last_tag,
+            generation: m.generation,
+            rewrites: m.rewrites,
+            auth,
+        });
+        (Some(Record { generation: m.generation, change: Change::Checkpoint { store_id: m.store_id() } }), plan)
+    });
+    if let Some(plan) = plan {
+        if let Err(e) = compact_online(plan) {
+            pgrx::log!("tde: key store compaction skipped: {e}");
+        }
+    }
+    rec
+}
+
+/// A compaction planned under the store lock: the file up to `cut` (frames
+/// up to `generation`, the last with tag `last_tag`) becomes one snapshot.
+struct Compaction {
+    cut: u64,
+    last_tag: [u8; storefile::TAG_LEN],
+    generation: u64,
+    rewrites: u64,
+    auth: Option<AuthKey>,
+}
+
+/// Compaction without stalling key changes: the O(n) part -- reading,
+/// authenticating and encoding the store, writing and fsyncing the new
+/// snapshot -- runs without the store lock.  Under the lock again, the
+/// frames appended meanwhile are re-chained after the new snapshot and
+/// appended to it, and the new file replaces the old one.  Abandoned if the
+/// file was rewritten meanwhile (master-key rotation, tde_destroy_retired_keys).
+fn compact_online(plan: Compaction) -> Result<(), TdeError> {
+    let p = path();
+    let bytes = storefile::read(&p)?.ok_or_else(|| TdeError::Internal("the key store file disappeared".into()))?;
+    let prefix =
+        bytes.get(..plan.cut as usize).ok_or_else(|| TdeError::Internal("the key store file shrank".into()))?;
+    let loaded = storefile::parse(prefix, &p)?;
+    if let Some(a) = &plan.auth {
+        loaded.authenticate(a, &p)?;
+    }
+    if loaded.state.generation != plan.generation || loaded.valid_len != plan.cut || loaded.last_tag != plan.last_tag {
+        return Err(TdeError::Internal(format!(
+            "key store file \"{}\" is not what this server wrote (generation {}, expected {})",
+            p.display(),
+            loaded.state.generation,
+            plan.generation
+        )));
+    }
+    let (snapshot, snapshot_tag) = storefile::encode_snapshot(&loaded.state, plan.auth.as_ref());
+    drop(bytes);
+    let tmp = storefile::temp_path(&p, "compact");
+    storefile::write_new(&tmp, &snapshot)?;
+    shmem::with_store_lock(|s| -> Result<(), TdeError> {
+        let mut m = shmem::meta(s);
+        if m.rewrites != plan.rewrites || !m.exists {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(());
         }
         if let Err(e) = drain(s, &mut m) {
             TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
         }
         shmem::set_meta(s, &m);
-        if m.dirty || should_compact(&m) {
-            let compacted = should_compact(&m) && {
-                match compact(s, &m) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        pgrx::log!("tde: key store compaction skipped: {e}");
-                        false
-                    }
-                }
-            };
-            if !compacted {
-                if let Err(e) = storefile::sync(&path()) {
-                    TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
-                }
+        let tail = storefile::read_range(&p, plan.cut, m.file_len)?;
+        let (tail, last_tag) = storefile::rechain(&tail, &plan.last_tag, &snapshot_tag, plan.auth.as_ref())
+            .map_err(|why| TdeError::Internal(format!("key store compaction: {why}")))?;
+        if let Err(e) = storefile::finish_replace(&tmp, &p, &tail) {
+            if tmp.exists() {
+                return Err(e.into()); // not renamed: the old file stands
             }
-            if m.audit_file_seq > 0 {
-                if let Err(e) = storefile::sync(&audit_path()) {
-                    TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
-                }
-            }
-            let mut m = shmem::meta(s);
-            m.dirty = false;
-            shmem::set_meta(s, &m);
+            // Renamed, but not durably: the file and this server's idea of
+            // it must not drift apart.
+            TdeError::from(e).raise_at(pgrx::PgLogLevel::PANIC);
         }
-        Some(Record { generation: m.generation, change: Change::Checkpoint { store_id: m.store_id() } })
+        m.snapshot_len = snapshot.len() as u64;
+        m.file_len = m.snapshot_len + tail.len() as u64;
+        m.last_tag = last_tag;
+        m.rewrites += 1;
+        m.dirty = false;
+        shmem::set_meta(s, &m);
+        Ok(())
     })
 }
 

@@ -171,6 +171,56 @@ pub fn encode_change(
     encode_frame(prev, KIND_CHANGE, generation, &json(change), auth)
 }
 
+/// Re-chains change frames: `tail` (complete frames that followed the frame
+/// whose tag is `prev`) is checked against `prev` and `auth` and encoded
+/// again after the frame whose tag is `new_prev`, unchanged otherwise.
+/// Compaction uses it for frames appended while it wrote the new snapshot.
+/// Returns the new bytes and the new last tag.
+pub fn rechain(
+    tail: &[u8],
+    prev: &[u8; TAG_LEN],
+    new_prev: &[u8; TAG_LEN],
+    auth: Option<&AuthKey>,
+) -> Result<(Vec<u8>, [u8; TAG_LEN]), String> {
+    let key = match auth {
+        Some(a) => *a.expose(),
+        None => unkeyed_key(),
+    };
+    let (mut prev, mut new_prev) = (*prev, *new_prev);
+    let mut out = Vec::with_capacity(tail.len());
+    let mut pos = 0usize;
+    while pos < tail.len() {
+        let rest = &tail[pos..];
+        if rest.len() < FRAME_OVERHEAD {
+            return Err(format!("a partial frame at byte {pos}"));
+        }
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let total = FRAME_OVERHEAD + len;
+        if len > MAX_BODY as usize || rest.len() < total {
+            return Err(format!("a partial frame at byte {pos}"));
+        }
+        let kind = rest[4];
+        let mut g = [0u8; 8];
+        g.copy_from_slice(&rest[5..13]);
+        let generation = u64::from_le_bytes(g);
+        let body = &rest[FRAME_HEAD..FRAME_HEAD + len];
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&rest[FRAME_HEAD + len..total]);
+        if kind & !KEYED != KIND_CHANGE || (kind & KEYED != 0) != auth.is_some() {
+            return Err(format!("an unexpected frame kind {kind} at byte {pos}"));
+        }
+        if !constant_time_eq(&compute_tag(&key, &prev, kind, generation, body), &tag) {
+            return Err(format!("the frame at byte {pos} does not follow the chain"));
+        }
+        let (f, t) = encode_frame(&new_prev, KIND_CHANGE, generation, body, auth);
+        out.extend_from_slice(&f);
+        prev = tag;
+        new_prev = t;
+        pos += total;
+    }
+    Ok((out, new_prev))
+}
+
 /// What reading a file found.
 pub struct Loaded {
     /// The store after every frame (not yet authenticated if
@@ -383,6 +433,16 @@ pub fn append_or_create(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     }
 }
 
+/// Bytes `from..to` of the file at `path`.
+pub fn read_range(path: &Path, from: u64, to: u64) -> Result<Vec<u8>, StoreError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).map_err(io("open", path))?;
+    f.seek(SeekFrom::Start(from)).map_err(io("seek in", path))?;
+    let mut buf = vec![0u8; to.saturating_sub(from) as usize];
+    f.read_exact(&mut buf).map_err(io("read", path))?;
+    Ok(buf)
+}
+
 /// Cuts a torn tail off before anything is appended after it.
 pub fn truncate(path: &Path, len: u64) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -400,14 +460,27 @@ pub fn sync(path: &Path) -> Result<(), StoreError> {
 /// created exclusively (never through a planted file or symlink), fsync,
 /// rename, fsync the directory.
 pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = temp_path(path, "tmp");
+    write_new(&tmp, bytes)?;
+    finish_replace(&tmp, path, &[])
+}
+
+/// `path` with `.suffix` added: the temporary files of [`replace`] and of a
+/// compaction.
+pub fn temp_path(path: &Path, suffix: &str) -> PathBuf {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    // A temporary file left by a crash is ours to remove (the directory is
-    // the server's, mode 0700); anything else there is refused by O_EXCL.
-    match std::fs::symlink_metadata(&tmp) {
-        Ok(m) if m.file_type().is_file() => std::fs::remove_file(&tmp).map_err(io("remove stale", &tmp))?,
+    tmp.push(".");
+    tmp.push(suffix);
+    PathBuf::from(tmp)
+}
+
+/// Writes a new temporary file and fsyncs it.  One left by a crash is ours
+/// to remove (the directory is the server's, mode 0700); anything else
+/// there is refused by O_EXCL.
+pub fn write_new(tmp: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(tmp) {
+        Ok(m) if m.file_type().is_file() => std::fs::remove_file(tmp).map_err(io("remove stale", tmp))?,
         _ => {}
     }
     let mut f = OpenOptions::new()
@@ -415,12 +488,20 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc_flags::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+        .open(tmp)
+        .map_err(io("create", tmp))?;
+    f.write_all(bytes).map_err(io("write", tmp))?;
+    f.sync_all().map_err(io("fsync", tmp))
+}
+
+/// Appends `tail` to the temporary file `tmp` (written by [`write_new`]),
+/// fsyncs it, and renames it over `path`, fsyncing the directory.
+pub fn finish_replace(tmp: &Path, path: &Path, tail: &[u8]) -> Result<(), StoreError> {
+    if !tail.is_empty() {
+        append(tmp, tail)?;
+        sync(tmp)?;
+    }
+    std::fs::rename(tmp, path).map_err(io("rename", path))?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory of", path))
 }
@@ -434,6 +515,37 @@ mod libc_flags {
 mod tests {
     use super::*;
     use crate::keystore::{FileId, KeyEntry, Phase, Principal, ProviderEntry, ALGORITHM_XTS};
+
+    #[test]
+    fn rechained_frames_follow_a_new_snapshot() {
+        let auth = AuthKey::derive(&kek(), "store");
+        let mut ks = KeyStore::new("store".into());
+        ks.generation = 1;
+        let (old, old_tag) = encode_snapshot(&ks, Some(&auth));
+        // Two changes after the old snapshot.
+        let c1 = Change::RemoveKey { file: FileId { spc: 1, db: 2, rel: 3 } };
+        let c2 = Change::RemoveKey { file: FileId { spc: 1, db: 2, rel: 4 } };
+        let (f1, t1) = encode_change(&old_tag, 2, &c1, Some(&auth));
+        let (f2, _) = encode_change(&t1, 3, &c2, Some(&auth));
+        let tail = [f1, f2].concat();
+        // A new snapshot (another store id, so another tag), then the tail.
+        let mut ks2 = ks.clone();
+        ks2.store_id = "store".into();
+        ks2.next_key_id = 7;
+        let (new, new_tag) = encode_snapshot(&ks2, Some(&auth));
+        assert_ne!(new_tag, old_tag);
+        let (re, _) = rechain(&tail, &old_tag, &new_tag, Some(&auth)).unwrap();
+        let file = [new, re].concat();
+        let l = parse(&file, Path::new("x")).unwrap();
+        l.authenticate(&auth, Path::new("x")).unwrap();
+        assert_eq!((l.state.generation, l.changes, l.state.next_key_id), (3, 2, 7));
+        // Not the chain it claims to follow: refused.
+        assert!(rechain(&tail, &new_tag, &old_tag, Some(&auth)).is_err());
+        assert!(rechain(&tail[..tail.len() - 1], &old_tag, &new_tag, Some(&auth)).is_err());
+        let other = AuthKey::derive(&WrapKey::from_bytes(&[8u8; 32]).unwrap(), "store");
+        assert!(rechain(&tail, &old_tag, &new_tag, Some(&other)).is_err());
+        let _ = old;
+    }
 
     fn kek() -> WrapKey {
         WrapKey::from_bytes(&[7u8; 32]).unwrap()
