@@ -167,7 +167,9 @@ $node->safe_psql('postgres', q{
 });
 $node->restart;
 my $envfile = $node->basedir . '/program_env.txt';
-$node->safe_psql('postgres', "COPY (SELECT 1) TO PROGRAM 'env > $envfile'");
+# The program reads its input first: one that exits before COPY has
+# written makes COPY fail with a broken pipe.
+$node->safe_psql('postgres', "COPY (SELECT 1) TO PROGRAM 'cat > /dev/null; env > $envfile'");
 ok(-s $envfile, 'COPY ... TO PROGRAM ran');
 unlike(slurp_file($envfile), qr/TDE_TEST_ENV_MEK|\Q$mek\E/, 'its environment holds neither the variable nor the key');
 is($node->safe_psql('postgres', 'SELECT state FROM tde_key_store_state()'), 'unlocked', 'the env master key unlocked the store');

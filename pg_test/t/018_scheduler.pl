@@ -105,6 +105,22 @@ $node->safe_psql('postgres', "SELECT tde_reencrypt_pause('t')");
 sleep 2;
 is($node->safe_psql('postgres', "SELECT count(*) FROM tde_keys WHERE relation = 't'::regclass AND state = 'active'"), '2',
 	'paused, it stays unfinished: the scheduler leaves a pass that is under way alone');
+
+# A base backup taken now, half-way through the rotation, restores, reads
+# back, and finishes the rotation by itself.
+$node->backup('mid');
+my $restored = PostgreSQL::Test::Cluster->new('sched_restored');
+$restored->init_from_backup($node, 'mid');
+$restored->start;
+is($restored->safe_psql('postgres', "SELECT count(*) FROM t WHERE v LIKE 'SCHED-SECRET-%'"), '20000',
+	'a base backup taken mid-rotation restores and reads every row');
+my $vr = $v0 + 1;
+is(wait_for($restored, q{SELECT string_agg(version || ':' || state, ',' ORDER BY version) FROM tde_keys WHERE relation = 't'::regclass AND state <> 'destroyed' AND version >= } . $v0, "$v0:retired,$vr:active"),
+	"$v0:retired,$vr:active", 'and finishes the rotation on its own');
+$restored->safe_psql('postgres', 'CREATE EXTENSION IF NOT EXISTS amcheck');
+is($restored->safe_psql('postgres', "SELECT count(*) FROM verify_heapam('t')"), '0', 'verify_heapam is clean there');
+$restored->stop;
+
 $node->wait_for_catchup($standby);
 $node->stop('immediate');
 $standby->promote;
