@@ -415,22 +415,32 @@ pub fn append(path: &Path, frames: &[u8]) -> Result<(), StoreError> {
 /// [`append`], creating the file (mode 0600, never through a symlink) if
 /// it does not exist yet; a new file's directory entry is fsynced.
 pub fn append_or_create(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
     match append(path, bytes) {
         Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            let mut f = OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc_flags::O_NOFOLLOW)
-                .open(path)
-                .map_err(io("create", path))?;
-            f.write_all(bytes).map_err(io("append to", path))?;
-            let dir = path.parent().unwrap_or_else(|| Path::new("."));
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory of", path))
+            create_private(path)?.write_all(bytes).map_err(io("append to", path))?;
+            sync_dir(path)
         }
         other => other,
     }
+}
+
+/// Creates a new file, mode 0600: exclusively (O_EXCL), never through a
+/// symlink.
+fn create_private(path: &Path) -> Result<File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc_flags::O_NOFOLLOW)
+        .open(path)
+        .map_err(io("create", path))
+}
+
+/// Makes a new or renamed directory entry of `path` durable.
+fn sync_dir(path: &Path) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory of", path))
 }
 
 /// Bytes `from..to` of the file at `path`.
@@ -478,18 +488,11 @@ pub fn temp_path(path: &Path, suffix: &str) -> PathBuf {
 /// to remove (the directory is the server's, mode 0700); anything else
 /// there is refused by O_EXCL.
 pub fn write_new(tmp: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::symlink_metadata(tmp) {
         Ok(m) if m.file_type().is_file() => std::fs::remove_file(tmp).map_err(io("remove stale", tmp))?,
         _ => {}
     }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc_flags::O_NOFOLLOW)
-        .open(tmp)
-        .map_err(io("create", tmp))?;
+    let mut f = create_private(tmp)?;
     f.write_all(bytes).map_err(io("write", tmp))?;
     f.sync_all().map_err(io("fsync", tmp))
 }
@@ -502,8 +505,7 @@ pub fn finish_replace(tmp: &Path, path: &Path, tail: &[u8]) -> Result<(), StoreE
         sync(tmp)?;
     }
     std::fs::rename(tmp, path).map_err(io("rename", path))?;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory of", path))
+    sync_dir(path)
 }
 
 mod libc_flags {
