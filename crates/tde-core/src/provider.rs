@@ -78,8 +78,13 @@ use zeroize::Zeroizing;
 pub enum ProviderError {
     #[error("invalid options for key provider kind \"{kind}\": {why}")]
     BadOptions { kind: String, why: String },
-    #[error("unknown key provider kind \"{0}\" (supported: file, env)")]
+    #[error("unknown key provider kind \"{0}\" (supported: file, env, aws-kms, vault-transit, gcp-kms, azure-keyvault, pkcs11, kmip)")]
     UnknownKind(String),
+    /// A remote provider (KMS, HSM) failed; `failure` is the vendor's error
+    /// mapped onto a few cases a DBA can act on, `detail` the vendor's words
+    /// (never key material).
+    #[error("{kind} provider: {failure}: {detail}")]
+    Remote { kind: String, failure: Failure, detail: String },
     #[error("keyring file \"{path}\" is accessible by group or others (mode {mode:04o}); run chmod 600 on it")]
     InsecurePermissions { path: PathBuf, mode: u32 },
     #[error("could not {what} keyring file \"{path}\": {source}")]
@@ -123,8 +128,91 @@ pub enum ProviderError {
     Encode { path: PathBuf, why: String },
 }
 
+/// How a remote provider call failed, mapped per vendor onto the cases an
+/// operator acts on differently.  The numbers cross the key worker's
+/// library boundary (`tde_kms_call`), so they never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Options that do not make a client (also a missing credential file).
+    BadOptions = 1,
+    /// The provider refused the credentials (bad token, bad PIN, bad secret).
+    Credentials = 2,
+    /// No such master key.
+    KeyNotFound = 3,
+    /// Credentials accepted, but this operation on this key is not allowed.
+    PermissionDenied = 4,
+    /// Could not connect (refused, DNS, TLS handshake).
+    Unreachable = 5,
+    /// No answer within `tde.provider_timeout`.
+    TimedOut = 6,
+    /// The provider answered, but the blob does not unwrap under this key
+    /// with this associated data (wrong key, or tampering).
+    WrongKey = 7,
+    /// Anything else the provider said.
+    Other = 8,
+}
+
+impl Failure {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    pub fn from_code(code: i32) -> Failure {
+        match code {
+            1 => Failure::BadOptions,
+            2 => Failure::Credentials,
+            3 => Failure::KeyNotFound,
+            4 => Failure::PermissionDenied,
+            5 => Failure::Unreachable,
+            6 => Failure::TimedOut,
+            7 => Failure::WrongKey,
+            _ => Failure::Other,
+        }
+    }
+
+    /// The case a local provider's error falls under.
+    pub fn of(e: &ProviderError) -> Failure {
+        match e {
+            ProviderError::Remote { failure, .. } => *failure,
+            ProviderError::BadOptions { .. } | ProviderError::UnknownKind(_) => Failure::BadOptions,
+            ProviderError::KeyNotFound { .. } | ProviderError::EnvMissing(_) => Failure::KeyNotFound,
+            ProviderError::WrongKey { .. } => Failure::WrongKey,
+            ProviderError::InsecurePermissions { .. }
+            | ProviderError::WrongOwner { .. }
+            | ProviderError::InsecureDirectory { .. }
+            | ProviderError::Symlink { .. } => Failure::PermissionDenied,
+            _ => Failure::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Failure::BadOptions => "invalid options",
+            Failure::Credentials => "credentials refused",
+            Failure::KeyNotFound => "master key not found",
+            Failure::PermissionDenied => "permission denied",
+            Failure::Unreachable => "unreachable",
+            Failure::TimedOut => "timed out",
+            Failure::WrongKey => "the key does not unwrap (wrong master key, or tampered)",
+            Failure::Other => "failed",
+        })
+    }
+}
+
+/// The kinds this crate implements in-process; the others live in the key
+/// worker's provider library (crates/tde-kms).
+pub const LOCAL_KINDS: [&str; 2] = ["file", "env"];
+
 /// What every master-key provider does.
 pub trait MasterKeyProvider {
+    /// Checks that the provider is reachable and accepts our credentials,
+    /// without a key (used when a provider is added).  Local providers have
+    /// nothing to reach.
+    fn probe(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
     /// Makes sure `key_name` exists, creating it if the provider can.
     fn ensure_key(&self, key_name: &str) -> Result<(), ProviderError>;
     /// Wraps `kek` under master key `key_name` with associated data `aad`.
