@@ -9,7 +9,7 @@
 
 use pgrx::prelude::*;
 use tde_core::keystore::{FileId, StoreError};
-use tde_core::provider::ProviderError;
+use tde_core::provider::{Failure, ProviderError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TdeError {
@@ -86,6 +86,16 @@ impl TdeError {
                 | ProviderError::Symlink { .. }
                 | ProviderError::TempExists { .. },
             ) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            TdeError::Provider(ProviderError::Relayed { failure, .. } | ProviderError::Remote { failure, .. }) => {
+                match failure {
+                    Failure::BadOptions => ERRCODE_INVALID_PARAMETER_VALUE,
+                    Failure::Credentials => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+                    Failure::PermissionDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    Failure::KeyNotFound => ERRCODE_UNDEFINED_OBJECT,
+                    Failure::Unreachable | Failure::TimedOut => ERRCODE_CONNECTION_FAILURE,
+                    Failure::WrongKey | Failure::Other => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+                }
+            }
             TdeError::Provider(_) => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             TdeError::UnknownProvider(_) => ERRCODE_UNDEFINED_OBJECT,
             TdeError::TableFull(_) | TdeError::StoreTooLarge { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
@@ -112,9 +122,9 @@ impl TdeError {
             TdeError::BinaryUpgrade => Some(
                 "Their files are encrypted under the old cluster's keys. Move them with pg_dump and pg_restore, or decrypt them (ALTER TABLE ... SET ACCESS METHOD heap) before pg_upgrade.",
             ),
-            TdeError::Locked(_) => {
-                Some("Make the master key available (keyring file, environment variable) and restart the server.")
-            }
+            TdeError::Locked(_) => Some(
+                "Make the master key available (keyring file, environment variable, key provider); the key worker retries every few seconds and on the next statement that needs a key.",
+            ),
             TdeError::TableFull(_) | TdeError::StoreTooLarge { .. } => {
                 Some("Raise tde.max_relation_keys and restart the server.")
             }
@@ -127,9 +137,9 @@ impl TdeError {
             TdeError::StorageManagerReplaced { .. } => Some(
                 "Encrypted relations would be written in plaintext. Remove the other storage manager from shared_preload_libraries.",
             ),
-            TdeError::KeyUnavailable { .. } => {
-                Some("Make the master key available and restart the server. Nothing was written.")
-            }
+            TdeError::KeyUnavailable { .. } => Some(
+                "Make the master key available; the key worker retries by itself, no restart is needed. Nothing was written.",
+            ),
             TdeError::MarkedWithoutKey { .. } => Some(
                 "The key store does not match the data files (restored from another backup, or edited?). Restore the key store that belongs to this data directory.",
             ),

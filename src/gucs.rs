@@ -24,7 +24,21 @@ pub static SCHEDULER_NAPTIME: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static REENCRYPT_COST_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static REENCRYPT_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
 
+/// How long a request to the key worker (a wrap or unwrap through a key
+/// provider) may take, in milliseconds.
+pub static PROVIDER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"tde.provider_timeout",
+        c"How long a wrap or unwrap through a key provider may take before it fails.",
+        c"Requests go to the key worker, the only process that talks to key providers; one that gets no answer in this time fails with an error naming the provider. The key worker also gives each provider call this long.",
+        &PROVIDER_TIMEOUT,
+        100,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_bool_guc(
         c"tde.enforce_encryption",
         c"Refuse to create tables that are not encrypted.",
@@ -109,4 +123,9 @@ pub fn max_relation_keys() -> u32 {
 
 pub fn key_cache_size() -> u32 {
     KEY_CACHE_SIZE.get().max(1) as u32
+}
+
+/// tde.provider_timeout as a Duration.
+pub fn provider_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(PROVIDER_TIMEOUT.get().max(100) as u64)
 }

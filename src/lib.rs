@@ -8,6 +8,8 @@
 //! - `src/smgr/`: where a page gets encrypted; `src/reencrypt.rs`: where a
 //!   table's pages are re-encrypted under a new key version (tde_rotate_key).
 //! - `src/keys/`: where a key comes from (the key store, shared memory).
+//! - `src/kms/`: the key worker, the only process that talks to a key
+//!   provider (KMS, HSM); the remote providers are crates/tde-kms.
 //!
 //! The library must be in `shared_preload_libraries`: it registers a storage
 //! manager, shared memory and a WAL resource manager, all of which exist only
@@ -24,6 +26,7 @@ mod error;
 mod gucs;
 mod hooks;
 mod keys;
+mod kms;
 mod pg;
 mod reencrypt;
 mod smgr;
@@ -55,6 +58,7 @@ pub extern "C-unwind" fn _PG_init() {
     hooks::init();
     audit::init();
     reencrypt::scheduler::register();
+    kms::register();
 }
 
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
@@ -69,6 +73,7 @@ unsafe extern "C-unwind" fn shmem_request() {
     }
     keys::request_shmem(gucs::max_relation_keys(), gucs::key_cache_size());
     reencrypt::progress::request();
+    kms::request_shmem();
 }
 
 #[pg_guard]
@@ -80,6 +85,8 @@ unsafe extern "C-unwind" fn shmem_startup() {
     }
     // Every preloaded library has run its _PG_init by now.
     smgr::check_still_selected();
+    // The key worker's slots first: loading the key store resets its state.
+    kms::attach_shmem();
     // The postmaster creates the table and loads the key store into it (also
     // after a crash restart); children inherit it.
     keys::attach_shmem(gucs::max_relation_keys(), gucs::key_cache_size());

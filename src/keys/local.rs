@@ -118,13 +118,31 @@ fn load(file: &FileId) -> Entry {
 /// The cache is borrowed while `f` runs: `f` must not call into PostgreSQL
 /// code that can raise an ERROR by longjmp (an ERROR raised from Rust, which
 /// unwinds, is fine).  The storage manager calls md.c only after this returns.
+///
+/// If the key is unavailable because the key store is locked (its master
+/// key's provider was down), the key worker is asked to try again first,
+/// outside the cache borrow (`kms::wait_for_unlock`, bounded by
+/// tde.provider_timeout), so service comes back by itself.
 pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut Ciphers)) -> Kind {
+    let mut f = Some(f);
+    match with_cipher_once(file, temp, &mut f) {
+        Kind::Unavailable if crate::kms::wait_for_unlock() => with_cipher_once(file, temp, &mut f),
+        k => k,
+    }
+}
+
+fn with_cipher_once<F: FnOnce(&mut Ciphers)>(file: &FileId, temp: bool, f: &mut Option<F>) -> Kind {
+    let mut call = |cipher: &mut Ciphers| {
+        if let Some(f) = f.take() {
+            f(cipher)
+        }
+    };
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if temp {
             return match c.temp.get_mut(file) {
                 Some(cipher) => {
-                    f(cipher);
+                    call(cipher);
                     Kind::Encrypted
                 }
                 None => Kind::Plain,
@@ -141,7 +159,7 @@ pub fn with_cipher(file: &FileId, temp: bool, f: impl FnOnce(&mut Ciphers)) -> K
         match c.shared.get_or_insert_mut(*file, || load(file)) {
             Entry::Plain => Kind::Plain,
             Entry::Cipher(cipher) => {
-                f(cipher);
+                call(cipher);
                 Kind::Encrypted
             }
             Entry::Unavailable => Kind::Unavailable,

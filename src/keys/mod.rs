@@ -19,7 +19,7 @@ mod store;
 
 pub use shmem::CacheStats;
 pub use shmem::{KeyInfo, StoreState};
-pub use store::{checkpoint, redo};
+pub use store::{checkpoint, redo, try_unlock};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -27,7 +27,7 @@ use pgrx::pg_sys;
 use tde_core::keystore::{
     kek_aad, tek_aad, Change, FileId, KeyEntry, OldVersion, Phase, Principal, ProviderEntry, ALGORITHM_XTS,
 };
-use tde_core::provider;
+use tde_core::provider::{self, MasterKeyProvider as _};
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::wrap::{wrap_table_key, WRAPPED_TABLE_KEY_LEN};
 
@@ -359,6 +359,8 @@ pub fn is_encrypted(loc: &pg_sys::RelFileLocator, temp: bool) -> bool {
 }
 
 /// Shared memory for the key table and cache (shmem_request_hook).
+pub use shmem::protect_region;
+
 pub fn request_shmem(max_keys: u32, cache_size: u32) {
     shmem::request(max_keys, cache_size)
 }
@@ -508,12 +510,12 @@ pub fn rotate_master_key() -> Result<String, TdeError> {
     store::rekey(|ks| {
         let p = ks.principal.clone().ok_or(TdeError::NoMasterKey)?;
         let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
-        let prov = provider::from_config(&entry.kind, &entry.options)?;
+        let prov = crate::kms::provider(&entry.kind, &entry.options)?;
         let old_kek = shmem::kek().ok_or_else(|| TdeError::Locked(shmem::state().1))?;
         let new_kek = WrapKey::generate().map_err(|_| TdeError::Crypto)?;
         let name = rotated_name(&p.key_name);
         prov.ensure_key(&name)?;
-        provider::verify(prov.as_ref(), &name)?;
+        provider::verify(&prov, &name)?;
         let wrapped_kek = prov.wrap(&name, &new_kek, &kek_aad(&ks.store_id, &p.provider, &name))?;
         let mut keys = Vec::new();
         for e in ks.keys.values() {
@@ -548,8 +550,8 @@ pub fn verify_master_key() -> Result<String, TdeError> {
     let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
     let name = format!("{}/{}", p.provider, p.key_name);
     let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
-    let prov = provider::from_config(&entry.kind, &entry.options)?;
-    provider::verify(prov.as_ref(), &p.key_name)?;
+    let prov = crate::kms::provider(&entry.kind, &entry.options)?;
+    provider::verify(&prov, &p.key_name)?;
     let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
     let kek = prov.unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))?;
     match shmem::kek() {
@@ -566,7 +568,9 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
     if name.is_empty() || name.len() > 63 {
         return Err(TdeError::Invalid("provider name must be 1 to 63 characters".into()));
     }
-    provider::from_config(kind, &options)?;
+    // The key worker builds the provider (checking its options) and checks
+    // that it answers and accepts its credentials; nothing is saved if not.
+    crate::kms::provider(kind, &options)?.probe()?;
     let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
     store::commit(|_| match store::read()?.as_ref().and_then(|ks| ks.provider(name)) {
         Some(p) if *p != entry => {
@@ -594,12 +598,12 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
         .as_ref()
         .and_then(|ks| ks.provider(provider_name).cloned())
         .ok_or_else(|| TdeError::UnknownProvider(provider_name.to_string()))?;
-    let prov = provider::from_config(&entry.kind, &entry.options)?;
+    let prov = crate::kms::provider(&entry.kind, &entry.options)?;
     store::commit(|ks| {
         // Provider calls happen here: under the store lock, which serialises
         // key store changes, but not the table lock that lookups need.
         prov.ensure_key(key_name)?;
-        provider::verify(prov.as_ref(), key_name)?;
+        provider::verify(&prov, key_name)?;
         let kek = match (shmem::state().0, shmem::kek()) {
             (_, Some(k)) => k,
             (shmem::StoreState::Locked, None) => return Err(TdeError::Locked(shmem::state().1)),

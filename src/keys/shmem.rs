@@ -260,7 +260,7 @@ pub fn attach(max_keys: u32, cache_size: u32) -> bool {
             (*ptr).max_keys = max_keys;
             (*ptr).ncache = cache_size.max(1);
             (*ptr).meta = StoreMeta::NONE;
-            protect_region(ptr as *mut u8, bytes);
+            protect_region(ptr as *mut u8, bytes, "the key table");
         }
         HEADER = ptr;
         pg_sys::LWLockRelease(addin_lock);
@@ -268,9 +268,13 @@ pub fn attach(max_keys: u32, cache_size: u32) -> bool {
     !found
 }
 
-/// Keeps the key region out of swap and core dumps.  Failure to mlock (a
-/// low RLIMIT_MEMLOCK) is reported once, not fatal.
-unsafe fn protect_region(ptr: *mut u8, len: usize) {
+/// Keeps a region that holds keys out of swap and core dumps.  Failure to
+/// mlock (a low RLIMIT_MEMLOCK) is reported once, when the region is made,
+/// and is not fatal.
+///
+/// # Safety
+/// `ptr..ptr + len` lies in PostgreSQL's shared memory mapping.
+pub unsafe fn protect_region(ptr: *mut u8, len: usize, what: &str) {
     let page = 4096usize;
     let start = (ptr as usize) & !(page - 1);
     let end = (ptr as usize + len + page - 1) & !(page - 1);
@@ -281,7 +285,7 @@ unsafe fn protect_region(ptr: *mut u8, len: usize) {
     let rc_lock = unsafe { libc::mlock(start as *const libc::c_void, end - start) };
     if rc_dump != 0 || rc_lock != 0 {
         pgrx::log!(
-            "tde: could not mlock/madvise the key table ({} bytes, RLIMIT_MEMLOCK?); keys may reach swap or core dumps",
+            "tde: could not mlock/madvise {what} ({} bytes, RLIMIT_MEMLOCK?); keys may reach swap or core dumps",
             end - start
         );
     }
@@ -332,6 +336,19 @@ pub fn with_store_lock<R>(f: impl FnOnce(&StoreLock) -> R) -> R {
     // SAFETY: plain read of a pointer set once in attach().
     let s = StoreLock(Guard::acquire(unsafe { STORE_LOCK }, true));
     f(&s)
+}
+
+/// `with_store_lock`, if the store lock is free right now.
+pub fn try_with_store_lock<R>(f: impl FnOnce(&StoreLock) -> R) -> Option<R> {
+    // SAFETY: plain read of a pointer set once in attach(); a conditional
+    // acquire that returns whether it got the lock.
+    let lock = unsafe { STORE_LOCK };
+    // SAFETY: as above.
+    if !unsafe { pg_sys::LWLockConditionalAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) } {
+        return None;
+    }
+    let s = StoreLock(Guard(lock));
+    Some(f(&s))
 }
 
 /// The header.  Callers hold the table lock for every field but the

@@ -34,7 +34,7 @@ use base64::Engine as _;
 use pgrx::pg_sys;
 use tde_core::audit::{self as audit_log, AuditKey, Entry, Head, GENESIS};
 use tde_core::keystore::{kek_aad, redo_step, Change, FileId, KeyEntry, KeyStore, Phase, Record, RedoStep};
-use tde_core::provider;
+use tde_core::provider::{self, MasterKeyProvider as _};
 use tde_core::secret::{TableKey, WrapKey};
 use tde_core::storefile::{self, AuthKey, Loaded};
 use tde_core::wrap::WRAPPED_TABLE_KEY_LEN;
@@ -117,7 +117,7 @@ fn insert_entry(x: &Exclusive, e: &KeyEntry, tek: Option<&TableKey>) -> Result<(
 fn unlock(ks: &KeyStore) -> Result<WrapKey, TdeError> {
     let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
     let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
-    let prov = provider::from_config(&entry.kind, &entry.options)?;
+    let prov = crate::kms::provider(&entry.kind, &entry.options)?;
     let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
     let kek = prov
         .unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))
@@ -187,12 +187,23 @@ fn open_audit_log(head: u64) -> Result<u64, TdeError> {
     Ok(seq)
 }
 
+/// When `install` unwraps the KEK.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unlock {
+    /// Not here: the postmaster, which never talks to a provider, installs
+    /// the store locked; the key worker unlocks it (`try_unlock`).
+    Defer,
+    /// Now, through the provider (the key worker; single-user mode).
+    /// `quiet`: the failure was reported already (a retry).
+    Now { quiet: bool },
+}
+
 /// Reads, checks and authenticates the file, then fills the table from it.
 /// A store with more keys than the table holds is refused before anything
 /// changes: a key left out would make its file look plain.  If the master
 /// key is unavailable the store cannot be authenticated: it is installed
 /// locked, every file it lists unreadable, and says so.
-fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
+fn install(s: &StoreLock, bytes: &[u8], mode: Unlock) -> Result<(), TdeError> {
     let p = path();
     let loaded = storefile::parse(bytes, &p)?;
     if loaded.torn_bytes > 0 {
@@ -218,6 +229,9 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
             }))
         }
         None => None,
+        Some(_) if mode == Unlock::Defer => {
+            Some(Err(TdeError::Locked("waiting for the key worker to unwrap the key-encryption key".into())))
+        }
         Some(_) => match unlock(ks) {
             Ok(k) => {
                 loaded.authenticate(&AuthKey::derive(&k, &ks.store_id), &p)?;
@@ -248,7 +262,7 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
         }
         Ok(())
     })?;
-    if let Some(Err(e)) = &kek {
+    if let (Some(Err(e)), Unlock::Now { quiet: false }) = (&kek, mode) {
         let p = ks.principal.as_ref().map(|p| format!("{}/{}", p.provider, p.key_name)).unwrap_or_default();
         let mut rec = crate::audit::entry(crate::audit::Op::UnwrapFailed, &p, crate::audit::Outcome::Failed);
         rec.detail = format!("server start: {e}");
@@ -264,6 +278,9 @@ fn install(s: &StoreLock, bytes: &[u8]) -> Result<(), TdeError> {
 /// unauthentic or unreadable key store stops the server: starting without
 /// knowing which files are encrypted could write plaintext into them.
 pub fn load_at_startup() {
+    // SAFETY: plain read of a process global set at process start.
+    let mode = if unsafe { pg_sys::IsPostmasterEnvironment } { Unlock::Defer } else { Unlock::Now { quiet: false } };
+    crate::kms::queue::reset_unlock();
     let result = shmem::with_store_lock(|s| -> Result<(), TdeError> {
         match storefile::read(&path())? {
             None => {
@@ -284,13 +301,55 @@ pub fn load_at_startup() {
                         }
                     }
                 }
-                install(s, &bytes)
+                install(s, &bytes, mode)
             }
         }
     });
     if let Err(e) = result {
         e.raise_at(pgrx::PgLogLevel::FATAL);
     }
+}
+
+/// The key worker, while the store is locked: reads the file again and
+/// installs it with the KEK unwrapped through the provider, authenticated.
+/// `None` if another process holds the store lock (the caller retries: it
+/// may be a process waiting for this worker).  `reported` is the failure
+/// last logged, so a provider that stays down is reported once, not at
+/// every retry.
+pub fn try_unlock(reported: &mut String) -> Option<crate::kms::queue::UnlockResult> {
+    use crate::kms::queue::UnlockResult;
+    shmem::try_with_store_lock(|s| {
+        if shmem::state().0 != shmem::StoreState::Locked {
+            return UnlockResult::Unlocked;
+        }
+        let quiet = !reported.is_empty();
+        let result = match storefile::read(&path()) {
+            Ok(Some(bytes)) => install(s, &bytes, Unlock::Now { quiet }),
+            Ok(None) => Err(TdeError::StoreRefused("the key store file disappeared".into())),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(()) if shmem::state().0 == shmem::StoreState::Unlocked => {
+                if quiet {
+                    pgrx::log!("tde: the key store is unlocked: the master key is available again");
+                }
+                UnlockResult::Unlocked
+            }
+            Ok(()) => {
+                *reported = shmem::state().1;
+                UnlockResult::Locked
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if *reported != why {
+                    pgrx::warning!("tde: the key store is refused and stays locked: {why}");
+                }
+                shmem::with_exclusive(|x| shmem::set_locked(x, &why));
+                *reported = why;
+                UnlockResult::Refused
+            }
+        }
+    })
 }
 
 fn random_store_id() -> Result<String, TdeError> {
@@ -446,6 +505,9 @@ pub fn commit(build: impl FnOnce(&View) -> Result<Vec<(Change, Secret)>, TdeErro
         return Err(TdeError::InRecovery);
     }
     ensure_dir()?;
+    // A locked store (its provider was down): one more try, before the
+    // store lock, which the key worker's unlock needs.
+    crate::kms::wait_for_unlock();
     shmem::with_store_lock(|s| {
         let mut m = shmem::meta(s);
         if !m.exists {
@@ -530,6 +592,7 @@ pub fn rekey(build: impl FnOnce(&KeyStore) -> Result<(Change, WrapKey), TdeError
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Err(TdeError::InRecovery);
     }
+    crate::kms::wait_for_unlock();
     shmem::with_store_lock(|s| {
         let mut m = shmem::meta(s);
         if !m.exists || !m.has_principal {

@@ -41,9 +41,10 @@ use crate::keys::{self, local::Kind};
 use crate::pg::{self, BlockNumber, ForkNumber, SMgrRelation};
 
 /// Our table: md.c everywhere, except where page contents move.  md.c is
-/// entry 0 of the table, so smgrinit() already runs mdinit(); ours has none.
+/// entry 0 of the table, so smgrinit() already runs mdinit(); ours only
+/// makes the startup process wait for the keys (kms::startup_wait).
 static TDE_SMGR: pg_sys::f_smgr = pg_sys::f_smgr {
-    smgr_init: None,
+    smgr_init: Some(tde_init),
     smgr_shutdown: None,
     smgr_open: Some(pg::mdopen),
     smgr_close: Some(pg::mdclose),
@@ -157,6 +158,12 @@ fn unavailable(t: &Target, fork: ForkNumber, action: &'static str) -> ! {
 
 fn marked_without_key(t: &Target, fork: ForkNumber, block: BlockNumber) -> ! {
     TdeError::MarkedWithoutKey { file: t.file, fork, block }.raise()
+}
+
+/// smgrinit(), in every process once it is attached to shared memory.
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_init() {
+    crate::kms::startup_wait();
 }
 
 #[pg_guard]

@@ -85,6 +85,9 @@ pub enum ProviderError {
     /// (never key material).
     #[error("{kind} provider: {failure}: {detail}")]
     Remote { kind: String, failure: Failure, detail: String },
+    /// A provider's error as the key worker relayed it: its text, verbatim.
+    #[error("{message}")]
+    Relayed { failure: Failure, message: String },
     #[error("keyring file \"{path}\" is accessible by group or others (mode {mode:04o}); run chmod 600 on it")]
     InsecurePermissions { path: PathBuf, mode: u32 },
     #[error("could not {what} keyring file \"{path}\": {source}")]
@@ -173,7 +176,7 @@ impl Failure {
     /// The case a local provider's error falls under.
     pub fn of(e: &ProviderError) -> Failure {
         match e {
-            ProviderError::Remote { failure, .. } => *failure,
+            ProviderError::Remote { failure, .. } | ProviderError::Relayed { failure, .. } => *failure,
             ProviderError::BadOptions { .. } | ProviderError::UnknownKind(_) => Failure::BadOptions,
             ProviderError::KeyNotFound { .. } | ProviderError::EnvMissing(_) => Failure::KeyNotFound,
             ProviderError::WrongKey { .. } => Failure::WrongKey,
