@@ -36,7 +36,7 @@ pub fn init() {
         &PROVIDER_TIMEOUT,
         100,
         600_000,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(

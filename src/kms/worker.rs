@@ -94,4 +94,8 @@ pub extern "C-unwind" fn tde_key_worker_main(_arg: pg_sys::Datum) {
         }
     }
     pgrx::log!("tde: key worker exiting");
+    // Exit code 1: the postmaster starts the worker again (code 0 would
+    // mean "done for good"); at shutdown it does not.
+    // SAFETY: ends the process the way PostgreSQL's own workers do.
+    unsafe { pg_sys::proc_exit(1) };
 }

@@ -1,0 +1,156 @@
+# 019_key_worker.pl -- the key worker is the only process that talks to a
+# key provider, and a provider outage fails cleanly and heals by itself.
+#
+# - A "tde key worker" runs on the primary and on a standby (during
+#   recovery); backends, the checkpointer and the standby's startup process
+#   have one thread each and never map the remote providers' library.
+# - A worker that hangs makes requests fail after tde.provider_timeout with
+#   an error that says so; a worker that exits is started again, and a
+#   request that was waiting meanwhile is served by the new one.
+# - Started while its master key is unavailable, the server comes up with
+#   the key store locked: encrypted tables fail with an error naming the
+#   file, the provider and the reason; plain tables work; nothing reaches
+#   disk in plaintext.  Once the key is back, service resumes without a
+#   restart.
+use strict;
+use warnings FATAL => 'all';
+use File::Copy;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time usleep);
+use TdeTest;
+
+my $node = new_node('kw', init => { allows_streaming => 1 });
+$node->start;
+my $ring = configure_keys($node);
+$node->safe_psql('postgres', q{
+	CREATE TABLE enc (id int PRIMARY KEY, v text) USING tde_heap;
+	INSERT INTO enc SELECT g, 'KW-SECRET-' || g FROM generate_series(1, 200) g;
+	CREATE TABLE plain (id int);
+	INSERT INTO plain SELECT generate_series(1, 10);
+});
+$node->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('kw_standby');
+$standby->init_from_backup($node, 'b', has_streaming => 1);
+$standby->start;
+
+# A child of the node's postmaster by its process title (the key worker
+# has no database connection, so pg_stat_activity does not list it).
+sub pid_of
+{
+	my ($n, $title) = @_;
+	my $pm = (split /\n/, slurp_file($n->data_dir . '/postmaster.pid'))[0];
+	for my $stat (glob('/proc/[0-9]*/stat'))
+	{
+		open(my $fh, '<', $stat) or next;
+		my $line = <$fh> // next;
+		my ($pid, $ppid) = $line =~ /^(\d+) \(.*\) \S+ (\d+)/ or next;
+		next unless $ppid == $pm;
+		open(my $c, '<', "/proc/$pid/cmdline") or next;
+		my $cmd = do { local $/; <$c> } // '';
+		return $pid if $cmd =~ /^postgres: \S+: \Q$title\E/ || $cmd =~ /^postgres: \Q$title\E/;
+	}
+	return '';
+}
+
+sub threads { my @t = glob("/proc/$_[0]/task/*"); return scalar @t }
+
+sub maps_kms_library
+{
+	open(my $fh, '<', "/proc/$_[0]/maps") or die "maps of $_[0]: $!";
+	return scalar grep { /tde_kms\.so/ } <$fh>;
+}
+
+# ---- Who is who --------------------------------------------------------
+my $worker = pid_of($node, 'tde key worker');
+like($worker, qr/^\d+$/, 'the primary runs a tde key worker');
+like(pid_of($standby, 'tde key worker'), qr/^\d+$/, 'so does the standby, during recovery');
+my $startup = pid_of($standby, 'startup');
+like($startup, qr/^\d+$/, 'the standby has a startup process');
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM enc'), '200', 'the standby reads the encrypted table');
+
+my $bg = $node->background_psql('postgres');
+my $backend = $bg->query_safe('SELECT pg_backend_pid()');
+$bg->query_safe('SELECT count(*) FROM enc');
+my $checkpointer = pid_of($node, 'checkpointer');
+for ([ 'a backend', $backend ], [ 'the checkpointer', $checkpointer ], [ "the standby's startup process", $startup ])
+{
+	my ($what, $pid) = @$_;
+	is(threads($pid), 1, "$what has one thread");
+	is(maps_kms_library($pid), 0, "$what does not map tde_kms.so");
+}
+
+# ---- A hung worker: a clean timeout, then service again -------------------
+kill 'STOP', $worker;
+my $t0 = time;
+my ($rc, $out, $err) = $node->psql('postgres', q{SET tde.provider_timeout = '1s'; SELECT tde_verify_key()});
+my $took = time - $t0;
+kill 'CONT', $worker;
+is($out, 'f', 'tde_verify_key() is false while the key worker hangs');
+like($err, qr/key worker did not take the request within tde\.provider_timeout/, 'the warning says the key worker did not answer in time');
+ok($took < 20, sprintf('it gave up after the timeout, not later (%.1f s)', $took));
+is($node->safe_psql('postgres', 'SELECT tde_verify_key()'), 't', 'once the worker runs again, the key verifies');
+
+# ---- A worker that exits: restarted; a waiting request is served ---------
+kill 'STOP', $worker;
+my $waiting = $node->background_psql('postgres');
+$waiting->query_until(qr/sent/, q{
+	SET tde.provider_timeout = '60s';
+	\echo sent
+	SELECT 'verified:' || tde_verify_key();
+});
+usleep(300_000);
+kill 'TERM', $worker;
+kill 'CONT', $worker;
+my $new_worker = '';
+for (1 .. 100)
+{
+	$new_worker = pid_of($node, 'tde key worker');
+	last if $new_worker && $new_worker != $worker;
+	usleep(100_000);
+}
+ok($new_worker && $new_worker != $worker, "the postmaster started a new key worker ($worker, then $new_worker)");
+my $served = $waiting->query_safe('SELECT 1');
+like($served, qr/verified:true/, 'a request waiting while the worker exited is served by the new worker');
+$waiting->quit;
+like(slurp_file($node->logfile), qr/tde: key worker exiting/, 'the old worker said it was exiting');
+
+# ---- Started while the master key is unavailable --------------------------
+$bg->quit;
+$node->stop;
+move($ring, "$ring.away") or die;
+my $logstart = -s $node->logfile;
+$node->start;
+is($node->safe_psql('postgres', 'SELECT state FROM tde_key_store_state()'), 'locked', 'the server starts with the key store locked');
+like(slurp_file($node->logfile, $logstart), qr/cannot unlock the key store.*master key "mek-1" of provider "local"/,
+	'the log says why, once');
+($rc, $out, $err) = $node->psql('postgres', 'SELECT count(*) FROM enc');
+isnt($rc, 0, 'an encrypted table cannot be read');
+like($err, qr/cannot read encrypted relation file \d+\/\d+\/\d+ \(fork 0\): its key is unavailable: the key store is locked: master key "mek-1" of provider "local": .*keyring/,
+	'the error names the file, the master key, the provider and the reason');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM plain'), '10', 'plain tables work');
+($rc, $out, $err) = $node->psql('postgres', q{INSERT INTO enc VALUES (1000, 'KW-NEW-ROW')});
+isnt($rc, 0, 'writing into an encrypted table fails');
+$node->safe_psql('postgres', 'CHECKPOINT');
+is(scalar(files_containing($node, 'KW-NEW-ROW')), 0, 'nothing of it reached disk in plaintext');
+($rc, $out, $err) = $node->psql('postgres', 'CREATE TABLE enc2 (i int) USING tde_heap');
+isnt($rc, 0, 'a new encrypted table cannot be created either');
+like($err, qr/key store is locked/, '... and the error says why');
+my $log_now = slurp_file($node->logfile, $logstart);
+my $reports = () = $log_now =~ /cannot unlock the key store/g;
+is($reports, 1, 'retries do not repeat the warning');
+
+move("$ring.away", $ring) or die;
+$t0 = time;
+$node->poll_query_until('postgres', 'SELECT count(*) = 200 FROM enc') or die 'not back';
+ok(time - $t0 < 30, sprintf('with the key back, the table reads again without a restart (%.1f s)', time - $t0));
+like(slurp_file($node->logfile, $logstart), qr/the key store is unlocked: the master key is available again/, 'the log says so');
+$node->safe_psql('postgres', q{INSERT INTO enc VALUES (1000, 'KW-NEW-ROW'); CREATE TABLE enc2 (i int) USING tde_heap});
+$node->safe_psql('postgres', 'CHECKPOINT');
+is(scalar(files_containing($node, 'KW-NEW-ROW')), 0, 'the row written now is ciphertext on disk');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM enc'), '201', 'every row is there');
+
+$standby->stop;
+$node->stop;
+done_testing();
