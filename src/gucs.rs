@@ -28,7 +28,20 @@ pub static REENCRYPT_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
 /// provider) may take, in milliseconds.
 pub static PROVIDER_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// A JSON file of per-provider option overrides, read by the key worker
+/// (src/kms/overrides.rs).
+pub static PROVIDER_OVERRIDES: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
+
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"tde.provider_overrides",
+        c"JSON file of key provider options that this server uses instead of the stored ones.",
+        c"For a standby or a restored backup that reaches its key provider differently (another region, a replica key, another endpoint or credential file): {\"provider name\": {\"option\": value}}. A null value removes the option. The key store and the WAL keep the primary's options.",
+        &PROVIDER_OVERRIDES,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_int_guc(
         c"tde.provider_timeout",
         c"How long a wrap or unwrap through a key provider may take before it fails.",
@@ -128,4 +141,9 @@ pub fn key_cache_size() -> u32 {
 /// tde.provider_timeout as a Duration.
 pub fn provider_timeout() -> std::time::Duration {
     std::time::Duration::from_millis(PROVIDER_TIMEOUT.get().max(100) as u64)
+}
+
+/// tde.provider_overrides, if set.
+pub fn provider_overrides() -> Option<String> {
+    PROVIDER_OVERRIDES.get().map(|c| c.to_string_lossy().into_owned()).filter(|s| !s.is_empty())
 }

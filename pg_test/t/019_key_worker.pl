@@ -116,6 +116,23 @@ like($served, qr/verified:true/, 'a request waiting while the worker exited is s
 $waiting->quit;
 like(slurp_file($node->logfile), qr/tde: key worker exiting/, 'the old worker said it was exiting');
 
+# ---- A standby with its own provider options ----------------------------
+# The stored options name the primary's keyring; tde.provider_overrides
+# points this standby at its own copy, the primary untouched.
+my $ring2 = $standby->basedir . '/ring2';
+copy($ring, $ring2) or die;
+chmod 0600, $ring2;
+my $overrides = $standby->basedir . '/tde-overrides.json';
+open(my $ofh, '>', $overrides) or die;
+print $ofh qq({"local": {"path": "$ring2"}});
+close $ofh;
+$standby->append_conf('postgresql.conf', "tde.provider_overrides = '$overrides'");
+move($ring, "$ring.away") or die;
+$standby->restart;
+is($standby->safe_psql('postgres', 'SELECT count(*) FROM enc'), '200',
+	'with the primary\'s keyring gone, the standby unlocks through its own options (tde.provider_overrides)');
+move("$ring.away", $ring) or die;
+
 # ---- Started while the master key is unavailable --------------------------
 $bg->quit;
 $node->stop;

@@ -510,7 +510,7 @@ pub fn rotate_master_key() -> Result<String, TdeError> {
     store::rekey(|ks| {
         let p = ks.principal.clone().ok_or(TdeError::NoMasterKey)?;
         let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
-        let prov = crate::kms::provider(&entry.kind, &entry.options)?;
+        let prov = crate::kms::provider(&entry.name, &entry.kind, &entry.options)?;
         let old_kek = shmem::kek().ok_or_else(|| TdeError::Locked(shmem::state().1))?;
         let new_kek = WrapKey::generate().map_err(|_| TdeError::Crypto)?;
         let name = rotated_name(&p.key_name);
@@ -550,7 +550,7 @@ pub fn verify_master_key() -> Result<String, TdeError> {
     let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
     let name = format!("{}/{}", p.provider, p.key_name);
     let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
-    let prov = crate::kms::provider(&entry.kind, &entry.options)?;
+    let prov = crate::kms::provider(&entry.name, &entry.kind, &entry.options)?;
     provider::verify(&prov, &p.key_name)?;
     let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
     let kek = prov.unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))?;
@@ -570,7 +570,7 @@ pub fn add_provider(name: &str, kind: &str, options: serde_json::Value) -> Resul
     }
     // The key worker builds the provider (checking its options) and checks
     // that it answers and accepts its credentials; nothing is saved if not.
-    crate::kms::provider(kind, &options)?.probe()?;
+    crate::kms::provider(name, kind, &options)?.probe()?;
     let entry = ProviderEntry { name: name.to_string(), kind: kind.to_string(), options };
     store::commit(|_| match store::read()?.as_ref().and_then(|ks| ks.provider(name)) {
         Some(p) if *p != entry => {
@@ -598,7 +598,7 @@ pub fn set_master_key(provider_name: &str, key_name: &str) -> Result<(), TdeErro
         .as_ref()
         .and_then(|ks| ks.provider(provider_name).cloned())
         .ok_or_else(|| TdeError::UnknownProvider(provider_name.to_string()))?;
-    let prov = crate::kms::provider(&entry.kind, &entry.options)?;
+    let prov = crate::kms::provider(&entry.name, &entry.kind, &entry.options)?;
     store::commit(|ks| {
         // Provider calls happen here: under the store lock, which serialises
         // key store changes, but not the table lock that lookups need.

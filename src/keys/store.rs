@@ -117,7 +117,7 @@ fn insert_entry(x: &Exclusive, e: &KeyEntry, tek: Option<&TableKey>) -> Result<(
 fn unlock(ks: &KeyStore) -> Result<WrapKey, TdeError> {
     let p = ks.principal.as_ref().ok_or(TdeError::NoMasterKey)?;
     let entry = ks.provider(&p.provider).ok_or_else(|| TdeError::UnknownProvider(p.provider.clone()))?;
-    let prov = crate::kms::provider(&entry.kind, &entry.options)?;
+    let prov = crate::kms::provider(&entry.name, &entry.kind, &entry.options)?;
     let blob = B64.decode(&p.wrapped_kek).map_err(|_| TdeError::Invalid("wrapped KEK is not base64".into()))?;
     let kek = prov
         .unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))

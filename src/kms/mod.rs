@@ -26,6 +26,7 @@
 //! above, not reads and writes.
 
 pub mod library;
+mod overrides;
 pub mod queue;
 pub mod worker;
 
@@ -52,18 +53,20 @@ fn in_process() -> bool {
 /// A provider as a backend sees it: each call goes to the key worker (or,
 /// in the key worker, to the provider itself).
 pub struct Relay {
+    name: String,
     kind: String,
     options: Value,
 }
 
-/// The provider of `kind` with `options`.  Builds nothing and checks
-/// nothing but the kind: the options are checked where the provider is
-/// built, in the key worker, on the first call.
-pub fn provider(kind: &str, options: &Value) -> Result<Relay, ProviderError> {
+/// Provider `name` of `kind` with `options` (as the key store holds them).
+/// Builds nothing and checks nothing but the kind: the options are checked
+/// where the provider is built, in the key worker, on the first call, after
+/// this server's overrides (overrides.rs) are applied.
+pub fn provider(name: &str, kind: &str, options: &Value) -> Result<Relay, ProviderError> {
     if !KINDS.contains(&kind) {
         return Err(ProviderError::UnknownKind(kind.to_string()));
     }
-    Ok(Relay { kind: kind.to_string(), options: options.clone() })
+    Ok(Relay { name: name.to_string(), kind: kind.to_string(), options: options.clone() })
 }
 
 #[derive(Clone, Copy)]
@@ -97,9 +100,9 @@ impl Op {
 
 /// A request as it crosses to the worker and into the library: no key
 /// material (that travels beside it).
-fn request_json(op: Op, kind: &str, options: &Value, key: &str, aad: &[u8]) -> Vec<u8> {
+fn request_json(op: Op, name: &str, kind: &str, options: &Value, key: &str, aad: &[u8]) -> Vec<u8> {
     let timeout_ms = gucs::provider_timeout().as_millis() as u64;
-    json!({"op": op.name(), "kind": kind, "options": options, "key": key, "aad": B64.encode(aad), "timeout_ms": timeout_ms})
+    json!({"op": op.name(), "name": name, "kind": kind, "options": options, "key": key, "aad": B64.encode(aad), "timeout_ms": timeout_ms})
         .to_string()
         .into_bytes()
 }
@@ -107,9 +110,9 @@ fn request_json(op: Op, kind: &str, options: &Value, key: &str, aad: &[u8]) -> V
 impl Relay {
     fn run(&self, op: Op, key: &str, aad: &[u8], input: &[u8]) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
         if in_process() {
-            return execute(op, &self.kind, &self.options, key, aad, input, gucs::provider_timeout());
+            return execute(op, &self.name, &self.kind, &self.options, key, aad, input, gucs::provider_timeout());
         }
-        let req = request_json(op, &self.kind, &self.options, key, aad);
+        let req = request_json(op, &self.name, &self.kind, &self.options, key, aad);
         queue::call(&req, input, gucs::provider_timeout()).map_err(|(failure, message)| ProviderError::Relayed {
             failure,
             message: if failure == Failure::TimedOut { format!("{} provider: {message}", self.kind) } else { message },
@@ -145,15 +148,19 @@ impl MasterKeyProvider for Relay {
 
 /// Runs one provider call in this process: `file` and `env` here, the
 /// remote kinds in the library.
+#[allow(clippy::too_many_arguments)]
 fn execute(
     op: Op,
+    name: &str,
     kind: &str,
-    options: &Value,
+    stored: &Value,
     key: &str,
     aad: &[u8],
     input: &[u8],
     timeout: std::time::Duration,
 ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+    let merged = overrides::apply(name, stored)?;
+    let options = &merged;
     if LOCAL_KINDS.contains(&kind) {
         let p = provider::from_config(kind, options)?;
         return match op {
@@ -166,7 +173,8 @@ fn execute(
             Op::Unwrap => p.unwrap(key, input, aad).map(|k| Zeroizing::new(k.expose().to_vec())),
         };
     }
-    let mut req: Value = serde_json::from_slice(&request_json(op, kind, options, key, aad)).unwrap_or(Value::Null);
+    let mut req: Value =
+        serde_json::from_slice(&request_json(op, name, kind, options, key, aad)).unwrap_or(Value::Null);
     req["timeout_ms"] = json!(timeout.as_millis() as u64);
     library::call(req.to_string().as_bytes(), input)
         .map_err(|(failure, message)| ProviderError::Relayed { failure, message })
@@ -180,7 +188,8 @@ fn serve(request: &[u8], input: &[u8], timeout: std::time::Duration) -> queue::R
     let op = Op::parse(s("op")).ok_or_else(|| bad("unknown op"))?;
     let aad = B64.decode(s("aad")).map_err(|_| bad("aad is not base64"))?;
     let options = req.get("options").cloned().unwrap_or(Value::Null);
-    execute(op, s("kind"), &options, s("key"), &aad, input, timeout).map_err(|e| (Failure::of(&e), e.to_string()))
+    execute(op, s("name"), s("kind"), &options, s("key"), &aad, input, timeout)
+        .map_err(|e| (Failure::of(&e), e.to_string()))
 }
 
 /// The key store is locked and a key is needed now: asks the key worker to
