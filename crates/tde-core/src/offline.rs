@@ -23,6 +23,19 @@ use crate::storefile::{self, AuthKey};
 /// A log that runs past the key store's head is accepted (a crash before
 /// the key store caught up), and reported in `beyond_head`.
 pub fn check_audit(pgdata: &Path, options: Option<serde_json::Value>) -> Result<Report, String> {
+    check_audit_with(pgdata, options, &provider::from_config)
+}
+
+/// How a provider is built from its kind and options.
+pub type Builder = dyn Fn(&str, &serde_json::Value) -> Result<Box<dyn provider::MasterKeyProvider>, provider::ProviderError>;
+
+/// `check_audit` with the providers `build` knows (crates/tde-kms adds the
+/// remote ones to the local `file` and `env`).
+pub fn check_audit_with(
+    pgdata: &Path,
+    options: Option<serde_json::Value>,
+    build: &Builder,
+) -> Result<Report, String> {
     let store_path = pgdata.join("tde").join("keystore");
     let bytes = storefile::read(&store_path)
         .map_err(|e| e.to_string())?
@@ -47,7 +60,7 @@ pub fn check_audit(pgdata: &Path, options: Option<serde_json::Value>) -> Result<
         Some(p) => {
             let entry = ks.provider(&p.provider).ok_or_else(|| format!("unknown provider \"{}\"", p.provider))?;
             let opts = options.unwrap_or_else(|| entry.options.clone());
-            let prov = provider::from_config(&entry.kind, &opts).map_err(|e| e.to_string())?;
+            let prov = build(&entry.kind, &opts).map_err(|e| e.to_string())?;
             let blob = B64.decode(&p.wrapped_kek).map_err(|_| "the wrapped KEK is not base64".to_string())?;
             let kek = prov
                 .unwrap(&p.key_name, &blob, &kek_aad(&ks.store_id, &p.provider, &p.key_name))
