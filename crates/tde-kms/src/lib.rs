@@ -6,6 +6,8 @@
 //! for those, one file each:
 //!
 //! - [`aws`] `aws-kms`: AWS KMS (`Encrypt`/`Decrypt`, AAD as encryption context);
+//! - [`vault`] `vault-transit`: HashiCorp Vault / OpenBao Transit (`encrypt`/
+//!   `decrypt` with `associated_data`);
 //!
 //! The local kinds (`file`, `env`) stay in `tde-core`; [`from_config`] falls
 //! back to them.
@@ -77,6 +79,7 @@ pub mod aws;
 pub mod ffi;
 mod options;
 mod rt;
+pub mod vault;
 pub mod worker;
 
 use serde_json::Value;
@@ -89,7 +92,7 @@ pub use ffi::{tde_kms_abi_version, tde_kms_call};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kinds this crate implements.
-pub const REMOTE_KINDS: [&str; 1] = [aws::KIND];
+pub const REMOTE_KINDS: [&str; 2] = [aws::KIND, vault::KIND];
 
 /// Validates a provider's kind and options and builds it, with the default
 /// timeout.  Local kinds (`file`, `env`) are built by `tde-core`.
@@ -118,6 +121,7 @@ pub(crate) fn build_remote(
 ) -> Result<Box<dyn MasterKeyProvider + Send + Sync>, ProviderError> {
     match kind {
         aws::KIND => Ok(Box::new(aws::AwsKms::from_options(options, timeout)?)),
+        vault::KIND => Ok(Box::new(vault::VaultTransit::from_options(options, timeout)?)),
         other => Err(ProviderError::UnknownKind(other.to_string())),
     }
 }
