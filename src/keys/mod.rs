@@ -407,6 +407,11 @@ pub fn state() -> (StoreState, String) {
     shmem::state()
 }
 
+/// How many relation files have a key.
+pub fn key_count() -> u32 {
+    shmem::used()
+}
+
 /// Whether database `db` has any encrypted relation file.
 pub fn database_has_keys(db: u32) -> bool {
     shmem::list().iter().any(|k| k.file.db == db)

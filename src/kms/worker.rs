@@ -71,7 +71,15 @@ pub extern "C-unwind" fn tde_key_worker_main(_arg: pg_sys::Datum) {
             queue::answer(t, reply);
         }
         if keys::state().0 == StoreState::Locked && (queue::unlock_asked() || Instant::now() >= next_try) {
+            let t0 = Instant::now();
             if let Some(r) = keys::try_unlock(&mut last_reason) {
+                if r == UnlockResult::Unlocked {
+                    pgrx::log!(
+                        "tde: key store unlocked in {} ms ({} relation keys)",
+                        t0.elapsed().as_millis(),
+                        keys::key_count()
+                    );
+                }
                 queue::unlock_done(r);
                 next_try = Instant::now() + RETRY;
                 if r == UnlockResult::Unlocked {
