@@ -407,6 +407,18 @@ pub fn state() -> (StoreState, String) {
     shmem::state()
 }
 
+/// Each provider of the key store: name, kind, options, and whether it
+/// holds the current master key.
+pub fn providers() -> Result<Vec<(String, String, serde_json::Value, bool)>, TdeError> {
+    let Some(ks) = store::read()? else { return Ok(Vec::new()) };
+    let current = ks.principal.as_ref().map(|p| p.provider.clone());
+    Ok(ks
+        .providers
+        .iter()
+        .map(|p| (p.name.clone(), p.kind.clone(), p.options.clone(), current.as_deref() == Some(p.name.as_str())))
+        .collect())
+}
+
 /// How many relation files have a key.
 pub fn key_count() -> u32 {
     shmem::used()

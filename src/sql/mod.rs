@@ -370,6 +370,18 @@ fn tde_key_store_state() -> TableIterator<'static, (name!(state, String), name!(
     TableIterator::once((s.to_string(), (!reason.is_empty()).then_some(reason)))
 }
 
+/// The key providers the key store holds: name, kind, options (which name
+/// where credentials are, never hold them), and whether the current master
+/// key is in it.
+#[pg_extern(volatile)]
+fn tde_key_providers() -> TableIterator<
+    'static,
+    (name!(name, String), name!(kind, String), name!(options, pgrx::JsonB), name!(holds_master_key, bool)),
+> {
+    let rows = keys::providers().or_raise();
+    TableIterator::new(rows.into_iter().map(|(n, k, o, m)| (n, k, pgrx::JsonB(o), m)))
+}
+
 /// The shared key cache: its size (tde.key_cache_size), how many keys it
 /// holds unwrapped, and its hits, misses (a key unwrapped from the key
 /// table) and evictions since the server started.
