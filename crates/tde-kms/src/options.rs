@@ -56,7 +56,6 @@ impl<'a> Opts<'a> {
     }
 
     /// A non-negative integer option, if present.
-    #[allow(dead_code)] // first used by pkcs11
     pub(crate) fn integer(&self, name: &str) -> Result<Option<u64>, ProviderError> {
         match self.map.get(name) {
             None => Ok(None),
@@ -76,7 +75,6 @@ impl<'a> Opts<'a> {
     }
 
     /// Exactly one of two options.
-    #[allow(dead_code)] // first used by pkcs11
     pub(crate) fn one_of(&self, a: &str, b: &str) -> Result<(), ProviderError> {
         match (self.map.contains_key(a), self.map.contains_key(b)) {
             (true, false) | (false, true) => Ok(()),
