@@ -517,12 +517,18 @@ sub moto
 		@tls = ('-c', $leaf->{cert_file}, '-k', $leaf->{key_file});
 	}
 	my $secret = _random_hex(20);
+	push @services, 'iam' if $o{auth} && !grep { $_ eq 'iam' } @services;
 	my $s = TdeKms::Server->new(
 		kind => 'moto',
 		dir => $dir,
 		cmd => [ $t->{TDE_KMS_PYTHON}, $launcher, "$dir/state.pickle", join(',', @services),
 			'-H', '127.0.0.1', '-p', $port, @tls ],
-		env => { PYTHONWARNINGS => 'ignore', PYTHONUNBUFFERED => '1' },
+		env => { PYTHONWARNINGS => 'ignore', PYTHONUNBUFFERED => '1',
+			# auth: moto checks signatures and IAM policies after the first
+			# requests, which create the users below (again after a restart:
+			# then they exist already, and the script only counts down).
+			($o{auth} ? (INITIAL_NO_AUTH_ACTION_COUNT => '6') : ()) },
+		($o{auth} ? (after_start => \&_moto_users) : ()),
 		ports => [$port],
 		host => '127.0.0.1',
 		port => $port,
@@ -535,6 +541,45 @@ sub moto
 		state_file => "$dir/state.pickle",
 		($ca ? (ca_file => $ca->{ca_file}, ca => $ca) : ()));
 	return $s->start;
+}
+
+# moto(auth => 1): two IAM users made with moto's unauthenticated first
+# requests, `tde` (kms:*) and `tde-denied` (kms:ListKeys only); their keys
+# replace access_key_id / secret_access_key(_file), and the second's are
+# denied_access_key_id / denied_secret_access_key_file.
+my $MOTO_USERS = <<'PY';
+import boto3, json, sys
+ep = sys.argv[1]
+iam = boto3.client("iam", endpoint_url=ep, region_name="us-east-1",
+                   aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap", verify=False)
+def user(name, actions):
+    try:
+        iam.create_user(UserName=name)
+    except iam.exceptions.EntityAlreadyExistsException:
+        print("exists"); return
+    iam.put_user_policy(UserName=name, PolicyName="kms", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+    k = iam.create_access_key(UserName=name)["AccessKey"]
+    print(k["AccessKeyId"], k["SecretAccessKey"])
+user("tde", "kms:*")
+user("tde-denied", "kms:ListKeys")
+PY
+
+sub _moto_users
+{
+	my ($s) = @_;
+	my ($rc, $out, $err) = kms_python($MOTO_USERS, $s->{endpoint});
+	die "moto users: $err" if $rc;
+	return if $out =~ /exists/;
+	my @l = split /\n/, $out;
+	my ($id, $secret) = split / /, $l[0];
+	my ($did, $dsecret) = split / /, $l[1];
+	$s->{access_key_id} = $id;
+	$s->{secret_access_key} = $secret;
+	_write_private($s->{secret_access_key_file}, "$secret\n");
+	$s->{denied_access_key_id} = $did;
+	$s->{denied_secret_access_key_file} = _write_private("$s->{dir}/denied_secret_access_key", "$dsecret\n");
+	return;
 }
 
 # ---- OpenBao (transit) ------------------------------------------------------

@@ -17,7 +17,7 @@ use PostgreSQL::Test::Utils;
 use Digest::SHA qw(sha256 hmac_sha256);
 use JSON::PP;
 
-our @EXPORT = qw(new_node configure_keys files_containing restart_after_kill9
+our @EXPORT = qw(new_node configure_keys files_containing restart_after_kill9 child_pid tcp_peer_ports
   keystore_frames keystore_key_rels keystore_write_unkeyed relation_files page_marks start_load);
 
 sub new_node
@@ -222,5 +222,51 @@ sub keystore_write_unkeyed
 	close $fh;
 }
 
-1;
+# A child of the node's postmaster, by its process title ("tde key worker",
+# "checkpointer", "startup"); '' if none.  The key worker has no database
+# connection, so pg_stat_activity does not list it.
+sub child_pid
+{
+	my ($node, $title) = @_;
+	my $pm = (split /\n/, slurp_file($node->data_dir . '/postmaster.pid'))[0];
+	for my $stat (glob('/proc/[0-9]*/stat'))
+	{
+		open(my $fh, '<', $stat) or next;
+		my $line = <$fh> // next;
+		my ($pid, $ppid) = $line =~ /^(\d+) \(.*\) \S+ (\d+)/ or next;
+		next unless $ppid == $pm;
+		open(my $c, '<', "/proc/$pid/cmdline") or next;
+		my $cmd = do { local $/; <$c> } // '';
+		return $pid if $cmd =~ /^postgres: (?:\S+: )?\Q$title\E/;
+	}
+	return '';
+}
 
+# The remote ports of process $pid's TCP connections (IPv4 and IPv6).
+sub tcp_peer_ports
+{
+	my ($pid) = @_;
+	my %inodes;
+	for my $fd (glob("/proc/$pid/fd/*"))
+	{
+		my $l = readlink($fd) // next;
+		$inodes{$1} = 1 if $l =~ /^socket:\[(\d+)\]$/;
+	}
+	my @ports;
+	for my $table ('/proc/net/tcp', '/proc/net/tcp6')
+	{
+		open(my $fh, '<', $table) or next;
+		<$fh>;
+		while (my $line = <$fh>)
+		{
+			my @f = split ' ', $line;
+			my ($rem, $inode) = ($f[2], $f[9]);
+			next unless $inodes{$inode};
+			my ($port) = $rem =~ /:([0-9A-F]{4})$/;
+			push @ports, hex($port) if hex($port);
+		}
+	}
+	return @ports;
+}
+
+1;

@@ -35,25 +35,6 @@ my $standby = PostgreSQL::Test::Cluster->new('kw_standby');
 $standby->init_from_backup($node, 'b', has_streaming => 1);
 $standby->start;
 
-# A child of the node's postmaster by its process title (the key worker
-# has no database connection, so pg_stat_activity does not list it).
-sub pid_of
-{
-	my ($n, $title) = @_;
-	my $pm = (split /\n/, slurp_file($n->data_dir . '/postmaster.pid'))[0];
-	for my $stat (glob('/proc/[0-9]*/stat'))
-	{
-		open(my $fh, '<', $stat) or next;
-		my $line = <$fh> // next;
-		my ($pid, $ppid) = $line =~ /^(\d+) \(.*\) \S+ (\d+)/ or next;
-		next unless $ppid == $pm;
-		open(my $c, '<', "/proc/$pid/cmdline") or next;
-		my $cmd = do { local $/; <$c> } // '';
-		return $pid if $cmd =~ /^postgres: \S+: \Q$title\E/ || $cmd =~ /^postgres: \Q$title\E/;
-	}
-	return '';
-}
-
 sub threads { my @t = glob("/proc/$_[0]/task/*"); return scalar @t }
 
 sub maps_kms_library
@@ -63,17 +44,17 @@ sub maps_kms_library
 }
 
 # ---- Who is who --------------------------------------------------------
-my $worker = pid_of($node, 'tde key worker');
+my $worker = child_pid($node, 'tde key worker');
 like($worker, qr/^\d+$/, 'the primary runs a tde key worker');
-like(pid_of($standby, 'tde key worker'), qr/^\d+$/, 'so does the standby, during recovery');
-my $startup = pid_of($standby, 'startup');
+like(child_pid($standby, 'tde key worker'), qr/^\d+$/, 'so does the standby, during recovery');
+my $startup = child_pid($standby, 'startup');
 like($startup, qr/^\d+$/, 'the standby has a startup process');
 is($standby->safe_psql('postgres', 'SELECT count(*) FROM enc'), '200', 'the standby reads the encrypted table');
 
 my $bg = $node->background_psql('postgres');
 my $backend = $bg->query_safe('SELECT pg_backend_pid()');
 $bg->query_safe('SELECT count(*) FROM enc');
-my $checkpointer = pid_of($node, 'checkpointer');
+my $checkpointer = child_pid($node, 'checkpointer');
 for ([ 'a backend', $backend ], [ 'the checkpointer', $checkpointer ], [ "the standby's startup process", $startup ])
 {
 	my ($what, $pid) = @$_;
@@ -106,7 +87,7 @@ kill 'CONT', $worker;
 my $new_worker = '';
 for (1 .. 100)
 {
-	$new_worker = pid_of($node, 'tde key worker');
+	$new_worker = child_pid($node, 'tde key worker');
 	last if $new_worker && $new_worker != $worker;
 	usleep(100_000);
 }

@@ -176,6 +176,17 @@ fn execute(
     let mut req: Value =
         serde_json::from_slice(&request_json(op, name, kind, options, key, aad)).unwrap_or(Value::Null);
     req["timeout_ms"] = json!(timeout.as_millis() as u64);
+    // The library needs no provider name (the options are merged already),
+    // and takes no key name or associated data where the operation has none.
+    if let Some(o) = req.as_object_mut() {
+        o.remove("name");
+        if key.is_empty() {
+            o.remove("key");
+        }
+        if matches!(op, Op::Probe | Op::Ensure) {
+            o.remove("aad");
+        }
+    }
     library::call(req.to_string().as_bytes(), input)
         .map_err(|(failure, message)| ProviderError::Relayed { failure, message })
 }
