@@ -190,7 +190,24 @@ impl Shared {
         }
     }
 
+    /// Our token's slot.  A token that is missing, or a slot list that
+    /// fails, may be the module's stale view: some modules (SoftHSM2) do not
+    /// see a token that came back (an HSM reconnected, a token directory
+    /// restored) until they are initialised again.  So once, the module is
+    /// finalised and initialised again and the slots are listed afresh; our
+    /// other sessions on it are then lost, and reopened by `with_session`.
     fn slot(&self) -> Result<Slot, ProviderError> {
+        match self.find_slot() {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                let _ = self.ctx.clone().finalize();
+                initialize(&self.ctx, &self.library)?;
+                self.find_slot()
+            }
+        }
+    }
+
+    fn find_slot(&self) -> Result<Slot, ProviderError> {
         let slots = self.ctx.get_slots_with_token().map_err(|e| map_error(&e, &self.library))?;
         let mut seen = Vec::new();
         for slot in slots {
