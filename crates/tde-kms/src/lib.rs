@@ -9,7 +9,9 @@
 //! - [`vault`] `vault-transit`: HashiCorp Vault / OpenBao Transit (`encrypt`/
 //!   `decrypt` with `associated_data`);
 //! - [`pkcs11`] `pkcs11`: an HSM through its PKCS#11 module (`C_Encrypt`/
-//!   `C_Decrypt` with `CKM_AES_GCM` under a non-extractable AES-256 key).
+//!   `C_Decrypt` with `CKM_AES_GCM` under a non-extractable AES-256 key);
+//! - [`kmip`] `kmip`: a KMIP 1.4 server over mutual TLS (Encrypt/Decrypt with
+//!   AES-GCM; the key is never fetched).
 //!
 //! The local kinds (`file`, `env`) stay in `tde-core`; [`from_config`] falls
 //! back to them.
@@ -79,9 +81,11 @@
 
 pub mod aws;
 pub mod ffi;
+pub mod kmip;
 mod options;
 pub mod pkcs11;
 mod rt;
+mod ttlv;
 pub mod vault;
 pub mod worker;
 
@@ -95,7 +99,7 @@ pub use ffi::{tde_kms_abi_version, tde_kms_call};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kinds this crate implements.
-pub const REMOTE_KINDS: [&str; 3] = [aws::KIND, vault::KIND, pkcs11::KIND];
+pub const REMOTE_KINDS: [&str; 4] = [aws::KIND, vault::KIND, pkcs11::KIND, kmip::KIND];
 
 /// Validates a provider's kind and options and builds it, with the default
 /// timeout.  Local kinds (`file`, `env`) are built by `tde-core`.
@@ -126,6 +130,7 @@ pub(crate) fn build_remote(
         aws::KIND => Ok(Box::new(aws::AwsKms::from_options(options, timeout)?)),
         vault::KIND => Ok(Box::new(vault::VaultTransit::from_options(options, timeout)?)),
         pkcs11::KIND => Ok(Box::new(pkcs11::Pkcs11Provider::from_options(options, timeout)?)),
+        kmip::KIND => Ok(Box::new(kmip::Kmip::from_options(options, timeout)?)),
         other => Err(ProviderError::UnknownKind(other.to_string())),
     }
 }

@@ -165,6 +165,11 @@ pub(crate) fn secret_from_file(kind: &str, path: &Path) -> Result<Zeroizing<Stri
     }
 }
 
+/// A secret file's bytes (a private key in PEM), held to mode 0600.
+pub(crate) fn secret_file_bytes(kind: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+    read_limited(kind, path, true)
+}
+
 /// Reads a whole file of at most `MAX_FILE_BYTES` into a zeroizing buffer
 /// sized up front.  A `secret` file must have no group or other permission
 /// bits (certificates are public).
