@@ -11,7 +11,9 @@
 //! - [`pkcs11`] `pkcs11`: an HSM through its PKCS#11 module (`C_Encrypt`/
 //!   `C_Decrypt` with `CKM_AES_GCM` under a non-extractable AES-256 key);
 //! - [`kmip`] `kmip`: a KMIP 1.4 server over mutual TLS (Encrypt/Decrypt with
-//!   AES-GCM; the key is never fetched).
+//!   AES-GCM; the key is never fetched);
+//! - [`gcp`] `gcp-kms`: Google Cloud KMS (`Encrypt`/`Decrypt` with
+//!   `additional_authenticated_data`).
 //!
 //! The local kinds (`file`, `env`) stay in `tde-core`; [`from_config`] falls
 //! back to them.
@@ -81,6 +83,7 @@
 
 pub mod aws;
 pub mod ffi;
+pub mod gcp;
 pub mod kmip;
 mod options;
 pub mod pkcs11;
@@ -99,7 +102,7 @@ pub use ffi::{tde_kms_abi_version, tde_kms_call};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kinds this crate implements.
-pub const REMOTE_KINDS: [&str; 4] = [aws::KIND, vault::KIND, pkcs11::KIND, kmip::KIND];
+pub const REMOTE_KINDS: [&str; 5] = [aws::KIND, vault::KIND, pkcs11::KIND, kmip::KIND, gcp::KIND];
 
 /// Validates a provider's kind and options and builds it, with the default
 /// timeout.  Local kinds (`file`, `env`) are built by `tde-core`.
@@ -131,6 +134,7 @@ pub(crate) fn build_remote(
         vault::KIND => Ok(Box::new(vault::VaultTransit::from_options(options, timeout)?)),
         pkcs11::KIND => Ok(Box::new(pkcs11::Pkcs11Provider::from_options(options, timeout)?)),
         kmip::KIND => Ok(Box::new(kmip::Kmip::from_options(options, timeout)?)),
+        gcp::KIND => Ok(Box::new(gcp::GcpKms::from_options(options, timeout)?)),
         other => Err(ProviderError::UnknownKind(other.to_string())),
     }
 }

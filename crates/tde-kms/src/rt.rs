@@ -67,3 +67,30 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
+
+/// Connect failures and timeouts of reqwest-based clients, found among the
+/// error's sources; `Other` if there are none.
+pub(crate) fn transport_failure(e: &(dyn std::error::Error + 'static)) -> Failure {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
+            if r.is_timeout() {
+                return Failure::TimedOut;
+            }
+            if r.is_connect() {
+                return Failure::Unreachable;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::TimedOut => return Failure::TimedOut,
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset => {
+                    return Failure::Unreachable
+                }
+                _ => {}
+            }
+        }
+        cur = err.source();
+    }
+    Failure::Other
+}

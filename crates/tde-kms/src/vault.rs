@@ -39,7 +39,7 @@
 //! which are wiped when the provider is dropped.
 
 use crate::options::{bad, Opts};
-use crate::rt::{self, error_chain, remote};
+use crate::rt::{self, error_chain, remote, transport_failure};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::Value;
@@ -330,28 +330,6 @@ pub(crate) fn map_error(e: &ClientError, token_refused: Option<bool>) -> Provide
             remote(KIND, failure, error_chain(other))
         }
     }
-}
-
-/// Connect failures and timeouts, found among the error's sources.
-fn transport_failure(e: &(dyn std::error::Error + 'static)) -> Failure {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
-            if r.is_timeout() {
-                return Failure::TimedOut;
-            }
-            if r.is_connect() {
-                return Failure::Unreachable;
-            }
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return Failure::TimedOut;
-            }
-        }
-        cur = err.source();
-    }
-    Failure::Other
 }
 
 #[cfg(test)]
