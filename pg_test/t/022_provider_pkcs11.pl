@@ -30,8 +30,6 @@ my $node = provider_suite(
 	options => { %base, pin_file => $hsm->{pin_file} },
 	bad_options => { %base, pin_file => $bad_pin },
 	key => 'tde-mek',
-	missing_key => 'x' x 300,
-	missing_re => qr/key name must be 1 to 255 characters/,
 	down_re => qr/pkcs11 provider: /,
 	outage => 1);
 
