@@ -331,16 +331,16 @@ where
                 Some(code) => (code.to_string(), err.message().unwrap_or("").to_string()),
                 None => code_from_body(s.raw()),
             };
-            let message = if message.is_empty() { "no message" } else { message.as_str() };
             let failure = match failure_for_code(&code) {
                 Failure::Other if code.is_empty() => failure_for_status(s.raw().status()),
                 f => f,
             };
             let code = if code.is_empty() { format!("HTTP {}", s.raw().status()) } else { code };
-            let detail = if code == "DisabledException" {
-                format!("key disabled: {message} ({code})")
-            } else {
-                format!("{message} ({code})")
+            // KMS gives some errors (InvalidCiphertextException) no message.
+            let detail = match (code == "DisabledException", message.is_empty()) {
+                (true, _) => format!("key disabled: {message} ({code})"),
+                (false, true) => code,
+                (false, false) => format!("{message} ({code})"),
             };
             remote(KIND, failure, detail)
         }
