@@ -24,7 +24,7 @@ provider_suite(
 	port => $kmip->{port},
 	options => { %base, cert_file => $kmip->{cert_file}, key_file => $kmip->{key_file} },
 	bad_options => { %base, cert_file => $stranger->{cert_file}, key_file => $stranger->{key_file} },
-	bad_re => qr/kmip provider: (credentials refused|unreachable)/,
+	bad_re => qr/kmip provider: credentials refused: TLS handshake/,
 	key => 'tde-mek',
 	outage => 1);
 
