@@ -27,15 +27,12 @@ pub fn check_audit(pgdata: &Path, options: Option<serde_json::Value>) -> Result<
 }
 
 /// How a provider is built from its kind and options.
-pub type Builder = dyn Fn(&str, &serde_json::Value) -> Result<Box<dyn provider::MasterKeyProvider>, provider::ProviderError>;
+pub type Builder =
+    dyn Fn(&str, &serde_json::Value) -> Result<Box<dyn provider::MasterKeyProvider>, provider::ProviderError>;
 
 /// `check_audit` with the providers `build` knows (crates/tde-kms adds the
 /// remote ones to the local `file` and `env`).
-pub fn check_audit_with(
-    pgdata: &Path,
-    options: Option<serde_json::Value>,
-    build: &Builder,
-) -> Result<Report, String> {
+pub fn check_audit_with(pgdata: &Path, options: Option<serde_json::Value>, build: &Builder) -> Result<Report, String> {
     let store_path = pgdata.join("tde").join("keystore");
     let bytes = storefile::read(&store_path)
         .map_err(|e| e.to_string())?
