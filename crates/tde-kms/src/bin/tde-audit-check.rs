@@ -5,6 +5,9 @@
 //! Exit status: 0 the trail is intact, 1 it is not (each problem on
 //! stderr), 2 it could not be checked (no key store, master key
 //! unavailable, ...).  docs/audit.md explains what is checked.
+//!
+//! It lives in tde-kms so that it reaches every provider kind (a master key
+//! in AWS KMS, Vault, an HSM, ...), with the same options as the server.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +29,7 @@ fn main() -> ExitCode {
         }
     }
     let Some(pgdata) = pgdata else { return usage("PGDATA is required") };
-    match tde_core::offline::check_audit(&pgdata, options) {
+    match tde_core::offline::check_audit_with(&pgdata, options, &tde_kms::from_config) {
         Ok(r) if r.ok() => {
             println!(
                 "audit trail intact: {} records{}",
