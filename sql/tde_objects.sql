@@ -90,6 +90,7 @@ REVOKE ALL ON FUNCTION tde_keys() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_store_state() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_cache() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_key_providers() FROM PUBLIC;
+REVOKE ALL ON FUNCTION tde_key_worker() FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_rotate_key(regclass, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_reencrypt_pause(regclass) FROM PUBLIC;
 REVOKE ALL ON FUNCTION tde_encrypt_table(regclass, boolean) FROM PUBLIC;
@@ -117,7 +118,7 @@ BEGIN
   END IF;
 END
 $$;
-GRANT EXECUTE ON FUNCTION tde_is_encrypted(regclass), tde_keys(), tde_key_store_state(), tde_key_cache(), tde_key_providers(),
+GRANT EXECUTE ON FUNCTION tde_is_encrypted(regclass), tde_keys(), tde_key_store_state(), tde_key_cache(), tde_key_providers(), tde_key_worker(),
     tde_rotate_key(regclass, boolean), tde_reencrypt_pause(regclass), tde_reencrypt_resume(regclass),
     tde_encrypt_table(regclass, boolean), tde_decrypt_table(regclass, boolean),
     tde_reencryption_progress_rows(), tde_key_inventory(), tde_destroy_retired_keys(interval),

@@ -97,6 +97,23 @@ like($served, qr/verified:true/, 'a request waiting while the worker exited is s
 $waiting->quit;
 like(slurp_file($node->logfile), qr/tde: key worker exiting/, 'the old worker said it was exiting');
 
+# ---- A requester that dies while waiting does not hold its slot ----------
+kill 'STOP', $new_worker;
+my $doomed = $node->background_psql('postgres', on_error_stop => 0);
+$doomed->query_until(qr/sent/, q{
+	SET tde.provider_timeout = '60s';
+	\echo sent
+	SELECT tde_verify_key();
+});
+my $doomed_pid = $node->safe_psql('postgres', q{SELECT pid FROM pg_stat_activity WHERE query LIKE '%SELECT tde_verify_key()%' AND pid <> pg_backend_pid()});
+$node->poll_query_until('postgres', 'SELECT waiting = 1 FROM tde_key_worker()') or die 'the request is not posted';
+$node->safe_psql('postgres', "SELECT pg_terminate_backend($doomed_pid)");
+kill 'CONT', $new_worker;
+eval { $doomed->quit };    # its backend is gone
+ok($node->poll_query_until('postgres', 'SELECT waiting + running + uncollected = 0 FROM tde_key_worker()'),
+	'the answer to a backend terminated while it waited is freed by the key worker');
+is($node->safe_psql('postgres', 'SELECT pid FROM tde_key_worker()'), $new_worker, 'tde_key_worker() shows the running worker');
+
 # ---- A standby with its own provider options ----------------------------
 # The stored options name the primary's keyring; tde.provider_overrides
 # points this standby at its own copy, the primary untouched.
@@ -144,6 +161,8 @@ $t0 = time;
 $node->poll_query_until('postgres', 'SELECT count(*) = 200 FROM enc') or die 'not back';
 ok(time - $t0 < 30, sprintf('with the key back, the table reads again without a restart (%.1f s)', time - $t0));
 like(slurp_file($node->logfile, $logstart), qr/the key store is unlocked: the master key is available again/, 'the log says so');
+is($node->safe_psql('postgres', 'SELECT unlock_attempts > 1, last_unlock FROM tde_key_worker()'), 't|unlocked',
+	'tde_key_worker() counts the failed attempts and shows the last one unlocked');
 $node->safe_psql('postgres', q{INSERT INTO enc VALUES (1000, 'KW-NEW-ROW'); CREATE TABLE enc2 (i int) USING tde_heap});
 $node->safe_psql('postgres', 'CHECKPOINT');
 is(scalar(files_containing($node, 'KW-NEW-ROW')), 0, 'the row written now is ciphertext on disk');

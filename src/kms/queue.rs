@@ -65,6 +65,8 @@ struct Slot {
     state: AtomicU32,
     /// pid of the worker that took the request.
     taken_by: AtomicI32,
+    /// When the worker answered (ms since the epoch), for `reap`.
+    done_at_ms: AtomicU64,
     /// Owned by whoever owns the state (module comment).
     body: std::cell::UnsafeCell<Body>,
 }
@@ -276,7 +278,11 @@ fn wait_answer(h: &Header, mut claim: Claim, deadline: Instant) -> Reply {
     loop {
         match s.state.load(Ordering::Acquire) {
             DONE => {
-                // SAFETY: DONE: the worker has handed the slot back to us.
+                // Ours again (a slot left DONE for long is reaped by the worker).
+                if s.state.compare_exchange(DONE, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    continue;
+                }
+                // SAFETY: CLAIMED: the worker has handed the slot back to us.
                 let reply = unsafe {
                     let m = &mut *claim.slot_mut();
                     let reply = if m.code == 0 {
@@ -406,6 +412,7 @@ pub fn answer(t: Taken, reply: Reply) {
         }
         m.requester_latch
     };
+    slot.done_at_ms.store(now_ms(), Ordering::Release);
     if slot.state.compare_exchange(TAKEN, DONE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
         set_latch(latch);
     } else {
@@ -413,6 +420,26 @@ pub fn answer(t: Taken, reply: Reply) {
         // SAFETY: ABANDONED: the worker owns the slot.
         unsafe { wipe(s) };
         slot.state.store(FREE, Ordering::Release);
+    }
+}
+
+/// The worker: frees answers nobody collected.  A requester polls its slot
+/// at least every 100 ms while it waits, and one that gives up withdraws or
+/// abandons its request; an answer left for longer than `grace` belongs to
+/// a process that exited without unwinding (a FATAL, such as
+/// pg_terminate_backend, while it waited), and would hold its slot forever.
+pub fn reap(grace: Duration) {
+    let Some(h) = header() else { return };
+    let now = now_ms();
+    for slot in &h.slots {
+        if slot.state.load(Ordering::Acquire) == DONE
+            && now.saturating_sub(slot.done_at_ms.load(Ordering::Acquire)) > grace.as_millis() as u64
+            && slot.state.compare_exchange(DONE, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            // SAFETY: ABANDONED by the worker: it owns the slot.
+            unsafe { wipe(slot.body.get()) };
+            slot.state.store(FREE, Ordering::Release);
+        }
     }
 }
 
@@ -486,6 +513,22 @@ pub fn wait_unlock_attempt(attempts: u64, timeout: Duration) -> bool {
         sleep(deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
         pgrx::check_for_interrupts!();
     }
+}
+
+/// What tde_key_worker() shows: the worker's pid (0: none), requests
+/// waiting for it, requests it is running, answers not yet collected.
+pub fn status() -> (i32, u32, u32, u32) {
+    let Some(h) = header() else { return (0, 0, 0, 0) };
+    let (mut posted, mut taken, mut done) = (0, 0, 0);
+    for s in &h.slots {
+        match s.state.load(Ordering::Acquire) {
+            POSTED => posted += 1,
+            TAKEN | ABANDONED => taken += 1,
+            DONE => done += 1,
+            _ => {}
+        }
+    }
+    (h.worker_pid.load(Ordering::Acquire), posted, taken, done)
 }
 
 /// Wakes every process that may be waiting on a slot (it checks its own).

@@ -70,6 +70,7 @@ pub extern "C-unwind" fn tde_key_worker_main(_arg: pg_sys::Datum) {
             let reply = super::serve(&t.request, &t.input, t.timeout);
             queue::answer(t, reply);
         }
+        queue::reap(Duration::from_secs(10));
         if keys::state().0 == StoreState::Locked && (queue::unlock_asked() || Instant::now() >= next_try) {
             let t0 = Instant::now();
             if let Some(r) = keys::try_unlock(&mut last_reason) {

@@ -382,6 +382,39 @@ fn tde_key_providers() -> TableIterator<
     TableIterator::new(rows.into_iter().map(|(n, k, o, m)| (n, k, pgrx::JsonB(o), m)))
 }
 
+/// The key worker: its pid (null if not running), requests waiting for it,
+/// requests it is running, answers not yet collected, unlock attempts since
+/// the key store was loaded and the last one's result.
+#[pg_extern(volatile)]
+fn tde_key_worker() -> TableIterator<
+    'static,
+    (
+        name!(pid, Option<i32>),
+        name!(waiting, i32),
+        name!(running, i32),
+        name!(uncollected, i32),
+        name!(unlock_attempts, i64),
+        name!(last_unlock, String),
+    ),
+> {
+    let (pid, waiting, running, done) = crate::kms::queue::status();
+    let (attempts, result, _) = crate::kms::queue::unlock_status();
+    let last = match result {
+        crate::kms::queue::UnlockResult::Pending => "none",
+        crate::kms::queue::UnlockResult::Unlocked => "unlocked",
+        crate::kms::queue::UnlockResult::Locked => "failed",
+        crate::kms::queue::UnlockResult::Refused => "refused",
+    };
+    TableIterator::once((
+        (pid != 0).then_some(pid),
+        waiting as i32,
+        running as i32,
+        done as i32,
+        attempts as i64,
+        last.to_string(),
+    ))
+}
+
 /// The shared key cache: its size (tde.key_cache_size), how many keys it
 /// holds unwrapped, and its hits, misses (a key unwrapped from the key
 /// table) and evictions since the server started.
