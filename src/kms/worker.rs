@@ -82,6 +82,16 @@ pub extern "C-unwind" fn tde_key_worker_main(_arg: pg_sys::Datum) {
                     );
                 }
                 queue::unlock_done(r);
+                if r == UnlockResult::Refused {
+                    // An unauthentic key store must not be served: without
+                    // it, no one can tell which files are encrypted.  The
+                    // startup process stops on it when it sees it; later (a
+                    // provider that answered only after start-up), the
+                    // server is shut down, as a start would have failed.
+                    pgrx::log!("tde: the key store is not authentic under its master key; shutting the server down");
+                    // SAFETY: signals the postmaster (fast shutdown), as pg_ctl would.
+                    unsafe { libc::kill(pg_sys::PostmasterPid, libc::SIGINT) };
+                }
                 next_try = Instant::now() + RETRY;
                 if r == UnlockResult::Unlocked {
                     last_reason.clear();
