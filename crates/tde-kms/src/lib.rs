@@ -13,7 +13,10 @@
 //! - [`kmip`] `kmip`: a KMIP 1.4 server over mutual TLS (Encrypt/Decrypt with
 //!   AES-GCM; the key is never fetched);
 //! - [`gcp`] `gcp-kms`: Google Cloud KMS (`Encrypt`/`Decrypt` with
-//!   `additional_authenticated_data`).
+//!   `additional_authenticated_data`);
+//! - [`azure`] `azure-keyvault`: Azure Key Vault (`wrapKey`/`unwrapKey`
+//!   with RSA-OAEP-256 of a data key that seals the KEK with AES-GCM and
+//!   the AAD, since Key Vault's RSA wrap takes no AAD).
 //!
 //! The local kinds (`file`, `env`) stay in `tde-core`; [`from_config`] falls
 //! back to them.
@@ -82,6 +85,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod aws;
+pub mod azure;
 pub mod ffi;
 pub mod gcp;
 pub mod kmip;
@@ -102,7 +106,7 @@ pub use ffi::{tde_kms_abi_version, tde_kms_call};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The kinds this crate implements.
-pub const REMOTE_KINDS: [&str; 5] = [aws::KIND, vault::KIND, pkcs11::KIND, kmip::KIND, gcp::KIND];
+pub const REMOTE_KINDS: [&str; 6] = [aws::KIND, vault::KIND, pkcs11::KIND, kmip::KIND, gcp::KIND, azure::KIND];
 
 /// Validates a provider's kind and options and builds it, with the default
 /// timeout.  Local kinds (`file`, `env`) are built by `tde-core`.
@@ -135,6 +139,7 @@ pub(crate) fn build_remote(
         pkcs11::KIND => Ok(Box::new(pkcs11::Pkcs11Provider::from_options(options, timeout)?)),
         kmip::KIND => Ok(Box::new(kmip::Kmip::from_options(options, timeout)?)),
         gcp::KIND => Ok(Box::new(gcp::GcpKms::from_options(options, timeout)?)),
+        azure::KIND => Ok(Box::new(azure::AzureKeyVault::from_options(options, timeout)?)),
         other => Err(ProviderError::UnknownKind(other.to_string())),
     }
 }
