@@ -10,7 +10,8 @@
 #   $s->stop / $s->start     stop the server; start it again on the SAME
 #                            port.  $s->{persistent} says whether its state
 #                            (keys, tokens, objects) survives: 1 for moto,
-#                            openbao, pykmip and softhsm, 0 for drongo.
+#                            openbao, pykmip, softhsm and the Azure Key
+#                            Vault stand-in, 0 for drongo.
 #   $s->pause / $s->resume   SIGSTOP / SIGCONT the server's process group:
 #                            connections are accepted by the kernel and then
 #                            hang (a timeout test).  State survives.
