@@ -14,6 +14,14 @@
 //! TDE_KMS_TEST_AZURE_READER_SECRET_FILE=/path/reader-secret
 //!   cargo test -p tde-kms --test azure -- --ignored --test-threads 1
 //! ```
+//!
+//! To run the stand-in by hand: save `$AZURE_STANDIN` of TdeKms.pm as
+//! standin.py and run it with the venv's python (`cryptography`) as
+//! `python standin.py config.json`, config.json being `{"port": 18443,
+//! "tenant": T, "signing_key": "<hex>", "state_file": "/abs/state.json",
+//! "cert_file": ..., "key_file": ... (SAN 127.0.0.1), "clients": {ID:
+//! {"secret": S, "permissions": ["get", "create", "wrapKey", "unwrapKey"]},
+//! READER_ID: {"secret": R, "permissions": ["get"]}}}`.
 
 mod common;
 
