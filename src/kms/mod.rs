@@ -118,15 +118,11 @@ impl Relay {
             message: if failure == Failure::TimedOut { format!("{} provider: {message}", self.kind) } else { message },
         })
     }
-
-    pub fn probe(&self) -> Result<(), ProviderError> {
-        self.run(Op::Probe, "", b"", b"").map(|_| ())
-    }
 }
 
 impl MasterKeyProvider for Relay {
     fn probe(&self) -> Result<(), ProviderError> {
-        Relay::probe(self)
+        self.run(Op::Probe, "", b"", b"").map(|_| ())
     }
 
     fn ensure_key(&self, key_name: &str) -> Result<(), ProviderError> {
