@@ -153,7 +153,7 @@ impl AzureKeyVault {
 
         let inner = rt::inner_limit(limit);
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(ca.as_deref())?)
+            .tls_backend_preconfigured(crate::tls::client_builder(KIND, ca.as_deref())?.with_no_client_auth())
             .connect_timeout(inner)
             .timeout(inner)
             // Key Vault and Entra ID do not redirect; a redirect is not followed.
@@ -564,26 +564,6 @@ impl HttpClient for Http {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// rustls with ring, the system's roots plus `ca`.
-fn tls_config(ca: Option<&[u8]>) -> Result<rustls::ClientConfig, ProviderError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    if let Some(pem) = ca {
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| bad(KIND, format!("\"ca_file\": {e}")))?;
-            roots.add(cert).map_err(|e| bad(KIND, format!("\"ca_file\": {e}")))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(KIND, format!("TLS configuration: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// A master key must be an enabled RSA key that may wrap and unwrap.

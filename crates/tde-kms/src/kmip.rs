@@ -159,18 +159,7 @@ impl Kmip {
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|_| o.bad(format!("\"{}\" holds no PEM private key", key_path.display())))?;
 
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        if let Some(pem) = ca {
-            for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
-                roots.add(cert).map_err(|e| o.bad(format!("\"ca_file\": {e}")))?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| o.bad(format!("TLS configuration: {e}")))?
-            .with_root_certificates(roots)
+        let tls = crate::tls::client_builder(KIND, ca.as_deref())?
             .with_client_auth_cert(chain, key)
             .map_err(|e| o.bad(format!("the client certificate and key do not make a TLS identity: {e}")))?;
         Ok(Kmip { host, port, server_name, tls: Arc::new(tls), limit })

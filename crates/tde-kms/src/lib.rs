@@ -92,6 +92,7 @@ pub mod kmip;
 mod options;
 pub mod pkcs11;
 mod rt;
+mod tls;
 mod ttlv;
 pub mod vault;
 pub mod worker;

@@ -43,7 +43,6 @@ use crate::rt::{self, error_chain, remote, transport_failure};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::Value;
-use std::sync::Arc;
 use std::time::Duration;
 use tde_core::provider::{Failure, MasterKeyProvider, ProviderError};
 use tde_core::secret::WrapKey;
@@ -88,7 +87,7 @@ impl VaultTransit {
 
         let inner = rt::inner_limit(limit);
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(ca.as_deref())?)
+            .tls_backend_preconfigured(crate::tls::client_builder(KIND, ca.as_deref())?.with_no_client_auth())
             .connect_timeout(inner)
             .timeout(inner)
             .build()
@@ -241,27 +240,6 @@ impl MasterKeyProvider for VaultTransit {
             }
         })?
     }
-}
-
-/// rustls with ring, the system's roots plus `ca`.
-fn tls_config(ca: Option<&[u8]>) -> Result<rustls::ClientConfig, ProviderError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(pem) = ca {
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| bad(KIND, format!("\"ca_file\": {e}")))?;
-            roots.add(cert).map_err(|e| bad(KIND, format!("\"ca_file\": {e}")))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(KIND, format!("TLS configuration: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Transit key names go into the URL path: keep them to what Transit names
