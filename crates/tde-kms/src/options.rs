@@ -120,6 +120,19 @@ impl<'a> Opts<'a> {
     }
 }
 
+/// Tests: the options error `r` gives for options `v` (which must be refused
+/// as bad options).
+#[cfg(test)]
+pub(crate) fn refused<T>(r: Result<T, ProviderError>, v: &serde_json::Value) -> String {
+    match r {
+        Ok(_) => panic!("{v} accepted"),
+        Err(e) => {
+            assert!(matches!(e, ProviderError::BadOptions { .. }), "{e}");
+            e.to_string()
+        }
+    }
+}
+
 fn secret_from_env(kind: &str, option: &str, var: &str) -> Result<Zeroizing<String>, ProviderError> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Ok(Zeroizing::new(v)),
