@@ -109,12 +109,15 @@ $node->safe_psql('postgres', q{
 	INSERT INTO big SELECT g, 'BIG-SECRET-' || g || repeat('y', 200) FROM generate_series(1, 150000) g;
 	CHECKPOINT;
 });
-my $rot = IPC::Run::start([ 'psql', '-X', '-d', $node->connstr('postgres'), '-c', "SELECT tde_rotate_key('big')" ],
+# Throttled (10 ms per 50 pages, about 1 s for the table), so that the kill
+# lands half-way on any machine: it comes once the pass has rewritten pages.
+my $rot = IPC::Run::start([ 'psql', '-X', '-d', $node->connstr('postgres'),
+		'-c', 'SET tde.reencrypt_cost_delay = 10', '-c', 'SET tde.reencrypt_cost_limit = 50',
+		'-c', "SELECT tde_rotate_key('big')" ],
 	'>', \my $rout, '2>', \my $rerr);
 my $deadline = time() + 30;
-sleep 0.2 while time() < $deadline
-  && $node->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT tde_rotate_key%' AND state = 'active'") eq '0';
-select(undef, undef, undef, 0.7);
+my $midway = q{SELECT count(*) FROM tde_reencryption_progress WHERE "table" = 'big'::regclass AND blocks_done > 0};
+select(undef, undef, undef, 0.05) while time() < $deadline && $node->safe_psql('postgres', $midway) eq '0';
 $node->kill9;
 $rot->kill_kill;
 restart_after_kill9($node);
