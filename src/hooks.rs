@@ -125,7 +125,7 @@ unsafe extern "C-unwind" fn create_storage(
 
 /// The table of a just-created index, read from pg_index with SnapshotSelf:
 /// the row was inserted by the current command, before the post-create hook.
-fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+pub fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     // SAFETY: a catalog scan inside a transaction, with the standard
     // open/scan/close sequence; the tuple is read before the scan ends.
     unsafe {
@@ -244,6 +244,9 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
     unsafe { pg_sys::RelationClose(rel) };
 
     let temp = persistence == pg_sys::RELPERSISTENCE_TEMP;
+    if !temp && !keys::is_encrypted(&locator, false) && crate::statistics::is_encrypted_copy(relid, relkind, &name) {
+        keys::create_key(&locator, persistence).or_raise();
+    }
     if relkind == pg_sys::RELKIND_INDEX && !keys::is_encrypted(&locator, temp) {
         let kind = Kind::Index { table_tde_heap: new_index_table(relid).map(uses_tde_heap) };
         if policy::decide(&NewFile { kind, source_encrypted: None }) == Decision::Encrypt {
@@ -486,6 +489,7 @@ unsafe extern "C-unwind" fn utility(
         }
     }
 
+    crate::statistics::after_statement();
     match tag {
         pg_sys::NodeTag::T_CreateSeqStmt | pg_sys::NodeTag::T_AlterSeqStmt => {
             let rv = if tag == pg_sys::NodeTag::T_CreateSeqStmt {

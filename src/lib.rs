@@ -31,6 +31,7 @@ mod pg;
 mod reencrypt;
 mod smgr;
 mod sql;
+mod statistics;
 mod wal;
 
 ::pgrx::pg_module_magic!(name, version);

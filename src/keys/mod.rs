@@ -134,6 +134,7 @@ pub fn create_key(loc: &pg_sys::RelFileLocator, persistence: u8) -> Result<(), T
     }
     let file = file_id(loc);
     let tek = TableKey::generate().map_err(|_| TdeError::Crypto)?;
+    crate::statistics::note_key_created(loc.dbOid.into());
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return local::add_temp_key(file, &tek).map_err(|_| TdeError::Crypto);
     }
@@ -346,6 +347,15 @@ pub fn destroy_retired(older_than_secs: i64) -> Result<usize, TdeError> {
 /// The current key version of `file`.
 pub fn current_version(file: &FileId) -> Option<u32> {
     shmem::entry(file).map(|e| e.version)
+}
+
+/// Where `file` stands between plain and encrypted; None if it has no key.
+pub fn phase_of(file: &FileId) -> Option<Phase> {
+    shmem::entry(file).map(|e| match e.phase {
+        1 => Phase::Encrypting,
+        2 => Phase::Decrypting,
+        _ => Phase::Encrypted,
+    })
 }
 
 /// Whether `loc` (a temp relation's if `temp`) has a key.

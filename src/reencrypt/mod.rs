@@ -55,6 +55,12 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    /// No throttling (the statistics catalogs, encrypted inside the
+    /// statement that needs them).
+    pub fn none() -> Throttle {
+        Throttle { delay_ms: 0, limit: 1 }
+    }
+
     pub fn from_gucs() -> Throttle {
         Throttle {
             delay_ms: crate::gucs::REENCRYPT_COST_DELAY.get().max(0) as u32,
@@ -311,21 +317,33 @@ fn run(relid: pg_sys::Oid, pass: Pass, throttle: Throttle) -> u32 {
     .or_raise();
     match pass {
         Pass::Rotate => {}
-        Pass::Encrypt => set_access_method(relid, crate::am::tde_heap_oid().unwrap_or(pg_sys::InvalidOid)),
+        // System catalogs (the statistics, src/statistics.rs) keep heap,
+        // as PostgreSQL requires; their rewrites are encrypted by hooks.rs.
+        // SAFETY: a plain predicate on an OID.
+        _ if unsafe { pg_sys::IsCatalogRelationOid(relid) } => {}
+        Pass::Encrypt => use_tde_heap(relid),
         Pass::Decrypt => set_access_method(relid, pg_sys::HEAP_TABLE_AM_OID),
     }
     drop(slots);
     keys::current_version(&table_file).unwrap_or(0)
 }
 
+/// Makes the table (and its TOAST table) use tde_heap.
+fn use_tde_heap(relid: pg_sys::Oid) {
+    set_access_method(relid, crate::am::tde_heap_oid().unwrap_or(pg_sys::InvalidOid))
+}
+
 /// Makes the table (and its TOAST table) use access method `am`, so that
 /// later rewrites stay encrypted (tde_heap) or plain (heap).  A catalog
 /// update as the bootstrap superuser: tde_admin may run the pass without
-/// the right to write pg_class.
+/// the right to write pg_class.  The table's dependency on its access
+/// method moves with it, as ALTER TABLE ... SET ACCESS METHOD does, so
+/// DROP EXTENSION tde is refused while a table uses tde_heap.
 fn set_access_method(relid: pg_sys::Oid, am: pg_sys::Oid) {
     if am == pg_sys::InvalidOid {
         TdeError::Internal("access method tde_heap is missing".into()).raise();
     }
+    let old_am = crate::am::access_method_of(relid).unwrap_or(pg_sys::InvalidOid);
     let sql = format!(
         "UPDATE pg_catalog.pg_class SET relam = {am} WHERE oid = {rel} OR oid = (SELECT reltoastrelid FROM pg_catalog.pg_class WHERE oid = {rel})",
         am = u32::from(am),
@@ -346,6 +364,15 @@ fn set_access_method(relid: pg_sys::Oid, am: pg_sys::Oid) {
         .unwrap_or_else(|e| TdeError::Internal(format!("could not switch the access method: {e}")).raise());
     // SAFETY: restores what GetUserIdAndSecContext returned.
     unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    if old_am != am && old_am != pg_sys::InvalidOid {
+        // SAFETY: a pg_depend update inside the transaction that changed
+        // relam; changeDependencyFor handles a pinned old or new access
+        // method (heap) as ALTER TABLE ... SET ACCESS METHOD relies on.
+        unsafe {
+            pg_sys::changeDependencyFor(pg_sys::RelationRelationId, relid, pg_sys::AccessMethodRelationId, old_am, am);
+            pg_sys::CommandCounterIncrement();
+        }
+    }
 }
 
 /// tde_rotate_key(rel): returns the table's new key version.

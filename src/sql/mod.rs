@@ -158,6 +158,16 @@ fn tde_decrypt_table(rel: pg_sys::Oid, background: bool) {
 }
 
 fn pass(rel: pg_sys::Oid, pass: crate::reencrypt::Pass, background: bool) {
+    // SAFETY: a plain predicate on an OID.
+    if unsafe { pg_sys::IsCatalogRelationOid(rel) } {
+        crate::error::TdeError::Invalid(
+            "system catalogs cannot be encrypted or decrypted one by one; the statistics catalogs are encrypted with the first encrypted table of their database".into(),
+        )
+        .raise();
+    }
+    if pass == crate::reencrypt::Pass::Encrypt {
+        crate::statistics::ensure_encrypted();
+    }
     if background {
         crate::reencrypt::in_background(rel, pass);
     } else {

@@ -1,0 +1,145 @@
+//! Statistics of encrypted tables: why pg_statistic is encrypted too.
+//!
+//! ANALYZE copies column values of the rows it samples -- most common
+//! values, histogram bounds, extended statistics' MCV lists -- into
+//! `pg_statistic` and `pg_statistic_ext_data`, ordinary catalog tables of
+//! the database.  Left plain, they would put an encrypted table's most
+//! frequent values on disk in plaintext (open_pg_tde and Percona's pg_tde
+//! leak them this way).
+//!
+//! The rule (docs/threat-model.md): in a database with encrypted tables,
+//! both catalogs -- with their TOAST tables and indexes -- are encrypted.
+//! They get their keys the first time any relation of the database gets
+//! one: at the end of the utility statement that created it (CREATE TABLE,
+//! CREATE TEMP TABLE, ALTER TABLE ... SET ACCESS METHOD, ...) and before
+//! tde_encrypt_table's pass, so before any ANALYZE of the new table can
+//! write a value.  The existing pages are rewritten encrypted online by the
+//! same pass as tde_encrypt_table (ANALYZE elsewhere goes on).  The
+//! catalogs keep the heap access method (PostgreSQL requires it of system
+//! catalogs), so a VACUUM FULL or CLUSTER of them gets its new files
+//! encrypted here instead: the transient copy, its TOAST table and that
+//! TOAST table's index get keys when they are created, before any page of
+//! them is written (`is_encrypted_copy`, from hooks.rs); the catalogs' own
+//! indexes are rebuilt from their encrypted files, which the core patch
+//! tells the storage manager.  `pg_stats`, `pg_stats_ext` and the planner
+//! read them through the storage manager as before.
+//!
+//! A database without encrypted tables is left alone: its statistics
+//! describe plain tables only.
+
+use std::cell::Cell;
+
+use pgrx::pg_sys;
+
+use crate::keys;
+use crate::reencrypt::{self, Pass, Throttle};
+
+/// `pg_statistic_ext_data`'s OID (catalog/pg_statistic_ext_data.h), which
+/// pgrx does not export.
+const STATISTIC_EXT_DATA_RELATION_ID: pg_sys::Oid = pg_sys::Oid::from_u32(3429);
+
+/// The catalogs that hold values of the tables they describe.
+const CATALOGS: [pg_sys::Oid; 2] = [pg_sys::StatisticRelationId, STATISTIC_EXT_DATA_RELATION_ID];
+
+thread_local! {
+    /// A relation file of this database got a key since the last check.
+    static KEY_CREATED: Cell<bool> = const { Cell::new(false) };
+    /// ensure_encrypted is running (its own pass creates keys).
+    static RUNNING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by keys::create_key for a new key of a file of database `db`.
+pub fn note_key_created(db: u32) {
+    // SAFETY: plain read of a process global.
+    if db == u32::from(unsafe { pg_sys::MyDatabaseId }) {
+        KEY_CREATED.with(|c| c.set(true));
+    }
+}
+
+/// At the end of a utility statement: makes sure the statistics catalogs
+/// are encrypted if the statement gave a relation a key.
+pub fn after_statement() {
+    if KEY_CREATED.with(|c| c.replace(false)) {
+        ensure_encrypted();
+    }
+}
+
+/// Encrypts pg_statistic and pg_statistic_ext_data of the current database
+/// unless they already have keys.  A pass someone else started (or a crash
+/// interrupted, which the scheduler finishes) is left to run: while a file
+/// is being encrypted every page written to it is encrypted already.
+pub fn ensure_encrypted() {
+    if RUNNING.with(|r| r.replace(true)) {
+        return;
+    }
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            RUNNING.with(|r| r.set(false));
+        }
+    }
+    let _reset = Reset;
+    // Without the extension in this database no table of it uses tde_heap.
+    if crate::am::tde_heap_oid().is_none() {
+        return;
+    }
+    for catalog in CATALOGS {
+        if keys::phase_of(&keys::file_id(&locator_of(catalog))).is_none() {
+            reencrypt::encrypt(catalog, Pass::Encrypt, Throttle::none());
+        }
+    }
+}
+
+/// Whether the relation just created by the current command is part of a
+/// copy of an encrypted statistics catalog that VACUUM FULL or CLUSTER is
+/// making: the transient table `pg_temp_<catalog OID>` (the catalog locked
+/// by this transaction), its TOAST table `pg_toast_<transient OID>`, or the
+/// index of that TOAST table.  A name alone proves nothing; the lock and
+/// the catalog's key do.
+pub fn is_encrypted_copy(relid: pg_sys::Oid, relkind: u8, name: &str) -> bool {
+    match relkind {
+        pg_sys::RELKIND_RELATION => is_transient_copy(name),
+        pg_sys::RELKIND_TOASTVALUE => toast_owner(name).is_some_and(|owner| is_transient_copy(&rel_name(owner))),
+        pg_sys::RELKIND_INDEX => crate::hooks::new_index_table(relid)
+            .is_some_and(|table| is_encrypted_copy(table, pg_sys::RELKIND_TOASTVALUE, &rel_name(table))),
+        _ => false,
+    }
+}
+
+fn is_transient_copy(name: &str) -> bool {
+    let Some(old) = name.strip_prefix("pg_temp_").and_then(|n| n.parse::<u32>().ok()) else {
+        return false;
+    };
+    let old = pg_sys::Oid::from(old);
+    // SAFETY: a lookup in this backend's local lock table.
+    let locked = unsafe { pg_sys::CheckRelationOidLockedByMe(old, pg_sys::ExclusiveLock as _, true) };
+    CATALOGS.contains(&old) && locked && keys::is_encrypted(&locator_of(old), false)
+}
+
+/// The owner's OID in a TOAST table's name, `pg_toast_<OID>`.
+fn toast_owner(name: &str) -> Option<pg_sys::Oid> {
+    name.strip_prefix("pg_toast_").and_then(|n| n.parse::<u32>().ok()).map(pg_sys::Oid::from)
+}
+
+fn rel_name(relid: pg_sys::Oid) -> String {
+    // SAFETY: returns a palloc'd name or NULL.
+    let p = unsafe { pg_sys::get_rel_name(relid) };
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// The relation file of `relid`.
+fn locator_of(relid: pg_sys::Oid) -> pg_sys::RelFileLocator {
+    // SAFETY: the catalogs always exist; relation_open raises an ERROR
+    // otherwise.  rd_locator is copied out before the relation is closed.
+    unsafe {
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as _);
+        let loc = (*rel).rd_locator;
+        pg_sys::relation_close(rel, pg_sys::AccessShareLock as _);
+        loc
+    }
+}
