@@ -57,6 +57,7 @@ pub extern "C-unwind" fn _PG_init() {
     wal::init();
     smgr::init();
     hooks::init();
+    statistics::init();
     audit::init();
     reencrypt::scheduler::register();
     kms::register();

@@ -26,10 +26,19 @@
 //!
 //! A database without encrypted tables is left alone: its statistics
 //! describe plain tables only.
+//!
+//! While the key store is locked (the master key's provider did not answer
+//! at start-up) encrypted statistics cannot be read.  The planner then
+//! plans with its default estimates, as for a table never analyzed,
+//! instead of failing (`get_relation_stats_hook`, `get_index_stats_hook`,
+//! `get_attavgwidth_hook`), so plain tables of the database stay usable;
+//! `pg_stats` and ANALYZE fail with the key store's error until it
+//! unlocks.
 
 use std::cell::Cell;
 
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 use crate::keys;
 use crate::reencrypt::{self, Pass, Throttle};
@@ -141,5 +150,114 @@ fn locator_of(relid: pg_sys::Oid) -> pg_sys::RelFileLocator {
         let loc = (*rel).rd_locator;
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as _);
         loc
+    }
+}
+
+static mut PREV_RELATION_STATS: pg_sys::get_relation_stats_hook_type = None;
+static mut PREV_INDEX_STATS: pg_sys::get_index_stats_hook_type = None;
+static mut PREV_ATTAVGWIDTH: pg_sys::get_attavgwidth_hook_type = None;
+
+/// Installs the planner's statistics hooks (from _PG_init).
+pub fn init() {
+    // SAFETY: _PG_init runs once per process, before any planning; each
+    // previous hook is kept and called first.
+    unsafe {
+        PREV_RELATION_STATS = pg_sys::get_relation_stats_hook;
+        pg_sys::get_relation_stats_hook = Some(relation_stats);
+        PREV_INDEX_STATS = pg_sys::get_index_stats_hook;
+        pg_sys::get_index_stats_hook = Some(index_stats);
+        PREV_ATTAVGWIDTH = pg_sys::get_attavgwidth_hook;
+        pg_sys::get_attavgwidth_hook = Some(attavgwidth);
+    }
+}
+
+/// The statistics of this database are encrypted and cannot be read now.
+/// Cheap when the store is unlocked: one volatile read.
+fn unreadable() -> bool {
+    if !keys::store_locked_hint() {
+        return false;
+    }
+    // SAFETY: a relcache lookup of a catalog that always exists; the
+    // reference is released before returning.
+    let loc = unsafe {
+        let rel = pg_sys::RelationIdGetRelation(pg_sys::StatisticRelationId);
+        if rel.is_null() {
+            return false;
+        }
+        let loc = (*rel).rd_locator;
+        pg_sys::RelationClose(rel);
+        loc
+    };
+    keys::is_encrypted(&loc, false)
+}
+
+/// "No statistics" for the planner: it then uses its defaults.
+unsafe fn no_stats(vardata: *mut pg_sys::VariableStatData) -> bool {
+    // SAFETY: vardata is the planner's, valid for the call (caller).
+    unsafe {
+        (*vardata).statsTuple = std::ptr::null_mut();
+        (*vardata).freefunc = None;
+    }
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_stats(
+    root: *mut pg_sys::PlannerInfo,
+    rte: *mut pg_sys::RangeTblEntry,
+    attnum: pg_sys::AttrNumber,
+    vardata: *mut pg_sys::VariableStatData,
+) -> bool {
+    // SAFETY: chaining to the previous hook with the planner's arguments.
+    if let Some(prev) = unsafe { PREV_RELATION_STATS } {
+        // SAFETY: as above.
+        if unsafe { prev(root, rte, attnum, vardata) } {
+            return true;
+        }
+    }
+    // SAFETY: vardata is valid for the call.
+    unreadable() && unsafe { no_stats(vardata) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn index_stats(
+    root: *mut pg_sys::PlannerInfo,
+    index: pg_sys::Oid,
+    attnum: pg_sys::AttrNumber,
+    vardata: *mut pg_sys::VariableStatData,
+) -> bool {
+    // SAFETY: chaining to the previous hook with the planner's arguments.
+    if let Some(prev) = unsafe { PREV_INDEX_STATS } {
+        // SAFETY: as above.
+        if unsafe { prev(root, index, attnum, vardata) } {
+            return true;
+        }
+    }
+    // SAFETY: vardata is valid for the call.
+    unreadable() && unsafe { no_stats(vardata) }
+}
+
+/// The width the planner would assume without statistics: the type's
+/// typical width (get_attavgwidth's callers fall back to the same).
+#[pg_guard]
+unsafe extern "C-unwind" fn attavgwidth(relid: pg_sys::Oid, attnum: pg_sys::AttrNumber) -> i32 {
+    // SAFETY: chaining to the previous hook with the caller's arguments.
+    if let Some(prev) = unsafe { PREV_ATTAVGWIDTH } {
+        // SAFETY: as above.
+        let w = unsafe { prev(relid, attnum) };
+        if w > 0 {
+            return w;
+        }
+    }
+    if !unreadable() {
+        return 0;
+    }
+    let (mut typid, mut typmod, mut coll) = (pg_sys::InvalidOid, -1, pg_sys::InvalidOid);
+    // SAFETY: syscache lookups of pg_attribute and pg_type (not encrypted
+    // here: only the statistics catalogs are); an ERROR for a missing
+    // attribute propagates as in get_attavgwidth's callers.
+    unsafe {
+        pg_sys::get_atttypetypmodcoll(relid, attnum, &mut typid, &mut typmod, &mut coll);
+        pg_sys::get_typavgwidth(typid, typmod).max(1)
     }
 }

@@ -69,7 +69,7 @@ is($node->safe_psql('postgres', "SELECT tde_is_encrypted('newt')"), 't', 'after 
 $node->safe_psql('postgres', q{INSERT INTO newt SELECT 'NEWT-SECRET-' || g FROM generate_series(201, 400) g; CHECKPOINT});
 is($node->safe_psql('postgres', 'SELECT count(*) FROM newt'), '400', 'and reads back');
 is(scalar(files_containing($node, 'NEWT-SECRET-')), 0, 'no plaintext of newt on disk');
-is($node->safe_psql('postgres', 'SELECT count(*) FROM cap_64'), '0', 'the last table before the limit still reads');
+is($node->safe_psql('postgres', "SELECT count(*) FROM cap_$made"), '0', 'the last table before the limit still reads');
 
 # A smaller tde.max_relation_keys than the key store needs: refuse to start.
 $node->stop;

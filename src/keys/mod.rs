@@ -412,6 +412,11 @@ pub fn list() -> Vec<KeyInfo> {
     shmem::list()
 }
 
+/// Whether the key store is locked (a lock-free hint, see shmem).
+pub fn store_locked_hint() -> bool {
+    shmem::is_locked_hint()
+}
+
 /// The key store's state and, when locked, why.
 pub fn state() -> (StoreState, String) {
     shmem::state()

@@ -432,6 +432,18 @@ fn bump() {
     counter(Counter::Generation).fetch_add(1, Ordering::AcqRel);
 }
 
+/// Whether the key store is locked, read without the table lock: a hint
+/// for the planner's statistics hooks (statistics.rs), where a stale answer
+/// costs one plan with default estimates or one clear error.
+pub fn is_locked_hint() -> bool {
+    if !is_attached() {
+        return false;
+    }
+    // SAFETY: the header lives as long as the server; a volatile read of an
+    // aligned u32 field cannot tear.
+    unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*h()).state)) == 2 }
+}
+
 fn state_locked() -> StoreState {
     // SAFETY: caller holds the table lock.
     match unsafe { (*h()).state } {
