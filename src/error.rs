@@ -61,6 +61,8 @@ pub enum TdeError {
     SaveAfterLog(StoreError),
     #[error("relation with OID {0} does not exist")]
     NoSuchRelation(u32),
+    #[error("logical decoding spill file \"{0}\" was not written by this process, so it cannot be decrypted")]
+    UnknownSpillFile(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -108,7 +110,8 @@ impl TdeError {
             TdeError::MarkedWithoutKey { .. }
             | TdeError::NotMarked { .. }
             | TdeError::VersionUnavailable { .. }
-            | TdeError::StoreRefused(_) => ERRCODE_DATA_CORRUPTED,
+            | TdeError::StoreRefused(_)
+            | TdeError::UnknownSpillFile(_) => ERRCODE_DATA_CORRUPTED,
             TdeError::SaveAfterLog(_) => ERRCODE_IO_ERROR,
             TdeError::Enforced(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             TdeError::MoveEncryptedDatabase => ERRCODE_FEATURE_NOT_SUPPORTED,

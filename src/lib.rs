@@ -5,7 +5,8 @@
 //! - `src/sql/`: the SQL-facing functions, a thin layer over the rest (views
 //!   and grants are plain SQL in the top-level `sql/`).
 //! - `crates/tde-core`: ciphers, key wrapping and formats, free of PostgreSQL.
-//! - `src/smgr/`: where a page gets encrypted; `src/reencrypt.rs`: where a
+//! - `src/smgr/`: where a page gets encrypted (`src/spill.rs`: where a
+//!   logical decoding spill file does); `src/reencrypt.rs`: where a
 //!   table's pages are re-encrypted under a new key version (tde_rotate_key).
 //! - `src/keys/`: where a key comes from (the key store, shared memory).
 //! - `src/kms/`: the key worker, the only process that talks to a key
@@ -30,6 +31,7 @@ mod kms;
 mod pg;
 mod reencrypt;
 mod smgr;
+mod spill;
 mod sql;
 mod statistics;
 mod wal;
@@ -58,6 +60,7 @@ pub extern "C-unwind" fn _PG_init() {
     smgr::init();
     hooks::init();
     statistics::init();
+    spill::init();
     audit::init();
     reencrypt::scheduler::register();
     kms::register();

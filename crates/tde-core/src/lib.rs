@@ -33,5 +33,6 @@ pub mod provider;
 pub mod schedule;
 pub mod secret;
 pub mod storefile;
+pub mod stream;
 pub mod wrap;
 pub mod xts;
