@@ -11,7 +11,8 @@
 //! Every spill file is encrypted, whatever table its rows come from: a file
 //! mixes the changes of every table a transaction touched.
 //!
-//! - The key: one AES-256-CTR key per process (tde-core's `stream`),
+//! - The key: one AES-256-CTR key per process (tde-core's `stream`,
+//!   OpenSSL EVP),
 //!   generated at its first spill, never written anywhere.  Spill files
 //!   are private to the process that writes them (each decoding session
 //!   starts by removing its slot's old ones), so no other process ever
@@ -100,8 +101,7 @@ fn transform(
                 .get(path)
                 .ok_or_else(|| TdeError::UnknownSpillFile(String::from_utf8_lossy(path).into_owned()))?,
         };
-        s.key.apply(nonce, offset, data);
-        Ok(())
+        s.key.apply(nonce, offset, data).map_err(|_| TdeError::Crypto)
     })
 }
 

@@ -68,7 +68,11 @@ pub fn note_key_created(db: u32) {
 /// At the end of a utility statement: makes sure the statistics catalogs
 /// are encrypted if the statement gave a relation a key.
 pub fn after_statement() {
-    if KEY_CREATED.with(|c| c.replace(false)) {
+    // A statement that failed after creating a key leaves the flag set; the
+    // next statement may then be a COMMIT or ROLLBACK, with no transaction
+    // to work in (and the failed statement's relation rolled back anyway).
+    // SAFETY: a plain read of the transaction state.
+    if KEY_CREATED.with(|c| c.replace(false)) && unsafe { pg_sys::IsTransactionState() } {
         ensure_encrypted();
     }
 }

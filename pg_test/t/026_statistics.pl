@@ -11,6 +11,7 @@
 # before the first encrypted table are found there until it is created.
 use strict;
 use warnings FATAL => 'all';
+use File::Copy;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -118,6 +119,25 @@ like(visible('copydb'), qr/\Q$enc\E-a1/, 'which it reads');
 $node->safe_psql('copydb', 'ANALYZE t; CHECKPOINT');
 @leaks = files_containing($node, $enc);
 is_deeply(\@leaks, [], 'and ANALYZE there leaves no value on disk');
+
+# ---- Started while the key store is locked ------------------------------------
+# The planner then plans with default estimates instead of failing on the
+# encrypted statistics, so plain tables stay usable; pg_stats says why.
+$node->safe_psql('postgres',
+	"CREATE TABLE plain_t AS SELECT g AS id, 'p' || (g % 3) AS v FROM generate_series(1, 1000) g; ANALYZE plain_t");
+my $ring = $node->basedir . '/keyring';
+$node->stop;
+move($ring, "$ring.away") or die;
+$node->start;
+is($node->safe_psql('postgres', 'SELECT state FROM tde_key_store_state()'), 'locked', 'restarted without the master key: locked');
+is($node->safe_psql('postgres', "SELECT count(*) FROM plain_t WHERE v = 'p1' AND id > 10"), '330',
+	'a query on a plain table is planned and runs (default estimates, no read of the encrypted statistics)');
+my ($lrc, $lout, $lerr) = $node->psql('postgres', "SELECT count(*) FROM pg_stats WHERE tablename = 'plain_t'");
+like($lerr, qr/key store is locked/, 'pg_stats fails with the key store\'s error');
+move("$ring.away", $ring) or die;
+$node->poll_query_until('postgres', "SELECT state = 'unlocked' FROM tde_key_store_state()") or die 'not unlocked';
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_stats WHERE tablename = 'plain_t'"), '2',
+	'with the key back, pg_stats reads again');
 
 # ---- System catalogs one by one: refused ----------------------------------------
 my ($rc, $out, $err) = $node->psql('postgres', "SELECT tde_decrypt_table('pg_statistic')");
