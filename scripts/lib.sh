@@ -101,3 +101,18 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # clone (CI) rebuilds only this workspace's crates.  Set CARGO_TARGET_DIR to
 # override.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$TDE_CACHE_DIR/cargo-target}
+
+# Installs those of the given Debian packages that are missing, from this
+# machine's own release (-t: never from a deb-src-only trixie/sid line).
+apt_install_missing() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  log "installing Debian packages: ${missing[*]}"
+  local release; release=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    ${release:+-t "$release"} "${missing[@]}"
+}

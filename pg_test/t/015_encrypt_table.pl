@@ -51,6 +51,11 @@ ok(($tx // 0) > 100, "pgbench committed $tx transactions meanwhile");
 is($node->safe_psql('postgres', "SELECT tde_is_encrypted('p')"), 't', 'tde_is_encrypted is true');
 is($node->safe_psql('postgres', "SELECT amname FROM pg_class c JOIN pg_am a ON a.oid = c.relam WHERE relname = 'p'"),
 	'tde_heap', 'the table now uses tde_heap');
+my $am_dep = q{SELECT count(*) FROM pg_depend WHERE classid = 'pg_class'::regclass AND objid = 'p'::regclass
+	AND refclassid = 'pg_am'::regclass AND refobjid = (SELECT oid FROM pg_am WHERE amname = 'tde_heap')};
+is($node->safe_psql('postgres', $am_dep), '1', 'and depends on it in pg_depend, as after ALTER TABLE ... SET ACCESS METHOD');
+my ($drc, $dout, $derr) = $node->psql('postgres', 'DROP EXTENSION tde');
+like($derr, qr/table p depends on access method tde_heap/, 'so DROP EXTENSION tde is refused while it is encrypted');
 is($node->safe_psql('postgres', "SELECT bool_and(tde_is_encrypted(r)) FROM unnest(ARRAY['p', 'p_pkey', 'p_v', 'p_id_seq']::regclass[]) r"),
 	't', 'its indexes and its sequence are encrypted');
 my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM p');
@@ -75,6 +80,7 @@ $node->safe_psql('postgres', "ALTER SYSTEM RESET tde.enforce_encryption; SELECT 
 $node->safe_psql('postgres', "SELECT tde_decrypt_table('p')");
 is($node->safe_psql('postgres', "SELECT amname || ' ' || tde_is_encrypted('p') FROM pg_class c JOIN pg_am a ON a.oid = c.relam WHERE relname = 'p'"),
 	'heap false', 'tde_decrypt_table: heap and plain again');
+is($node->safe_psql('postgres', $am_dep), '0', 'and its dependency on tde_heap is gone');
 $node->safe_psql('postgres', 'CHECKPOINT');
 $marks = page_marks(relation_files($node, 'p'));
 ok($marks->[0] == 0 && $marks->[1] == 0 && $marks->[2] > 0, "every page is plain (@$marks)");
