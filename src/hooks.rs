@@ -125,7 +125,7 @@ unsafe extern "C-unwind" fn create_storage(
 
 /// The table of a just-created index, read from pg_index with SnapshotSelf:
 /// the row was inserted by the current command, before the post-create hook.
-pub fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+fn new_index_table(indexid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     // SAFETY: a catalog scan inside a transaction, with the standard
     // open/scan/close sequence; the tuple is read before the scan ends.
     unsafe {
@@ -244,11 +244,16 @@ unsafe fn post_create_relation(relid: pg_sys::Oid) {
     unsafe { pg_sys::RelationClose(rel) };
 
     let temp = persistence == pg_sys::RELPERSISTENCE_TEMP;
-    if !temp && !keys::is_encrypted(&locator, false) && crate::statistics::is_encrypted_copy(relid, relkind, &name) {
+    // One pg_index lookup for both rules below.
+    let index_table = if relkind == pg_sys::RELKIND_INDEX { new_index_table(relid) } else { None };
+    if !temp
+        && !keys::is_encrypted(&locator, false)
+        && crate::statistics::is_encrypted_copy(relkind, &name, index_table)
+    {
         keys::create_key(&locator, persistence).or_raise();
     }
     if relkind == pg_sys::RELKIND_INDEX && !keys::is_encrypted(&locator, temp) {
-        let kind = Kind::Index { table_tde_heap: new_index_table(relid).map(uses_tde_heap) };
+        let kind = Kind::Index { table_tde_heap: index_table.map(uses_tde_heap) };
         if policy::decide(&NewFile { kind, source_encrypted: None }) == Decision::Encrypt {
             keys::create_key(&locator, persistence).or_raise();
         }

@@ -107,14 +107,15 @@ pub fn ensure_encrypted() {
 /// copy of an encrypted statistics catalog that VACUUM FULL or CLUSTER is
 /// making: the transient table `pg_temp_<catalog OID>` (the catalog locked
 /// by this transaction), its TOAST table `pg_toast_<transient OID>`, or the
-/// index of that TOAST table.  A name alone proves nothing; the lock and
-/// the catalog's key do.
-pub fn is_encrypted_copy(relid: pg_sys::Oid, relkind: u8, name: &str) -> bool {
+/// index of that TOAST table (`index_table`: the table of a new index).  A
+/// name alone proves nothing; the lock and the catalog's key do.
+pub fn is_encrypted_copy(relkind: u8, name: &str, index_table: Option<pg_sys::Oid>) -> bool {
     match relkind {
         pg_sys::RELKIND_RELATION => is_transient_copy(name),
         pg_sys::RELKIND_TOASTVALUE => toast_owner(name).is_some_and(|owner| is_transient_copy(&rel_name(owner))),
-        pg_sys::RELKIND_INDEX => crate::hooks::new_index_table(relid)
-            .is_some_and(|table| is_encrypted_copy(table, pg_sys::RELKIND_TOASTVALUE, &rel_name(table))),
+        pg_sys::RELKIND_INDEX => {
+            index_table.is_some_and(|table| is_encrypted_copy(pg_sys::RELKIND_TOASTVALUE, &rel_name(table), None))
+        }
         _ => false,
     }
 }
